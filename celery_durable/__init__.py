@@ -1,0 +1,51 @@
+"""Durable workflows for Celery.
+
+Write an ``async def`` beside your tasks, decorate it with :func:`durable_workflow`, and
+``await`` your tasks' signatures inside it. Each await is a durable step: the workflow
+survives worker kills, broker restarts and deploys, with SQL as the source of truth.
+"""
+
+from . import workflow
+from ._commands import WorkflowInfo
+from ._definition import DurableWorkflow, durable_workflow
+from ._worker import connect as _connect_worker
+from .canvas._await import install as _install_await
+from .client import StepInfo, WorkflowHandle
+from .errors import (
+    ActivityError,
+    DurableError,
+    NonDeterminismError,
+    NotInWorkflowError,
+    StoreUnavailableError,
+    UnknownWorkflowError,
+    WorkflowAwaitError,
+    WorkflowEncodeError,
+    WorkflowFailedError,
+    WorkflowNotFoundError,
+    WorkflowTimeoutError,
+)
+
+__all__ = [
+    "ActivityError",
+    "DurableError",
+    "DurableWorkflow",
+    "NonDeterminismError",
+    "NotInWorkflowError",
+    "StepInfo",
+    "StoreUnavailableError",
+    "UnknownWorkflowError",
+    "WorkflowAwaitError",
+    "WorkflowEncodeError",
+    "WorkflowFailedError",
+    "WorkflowHandle",
+    "WorkflowInfo",
+    "WorkflowNotFoundError",
+    "WorkflowTimeoutError",
+    "durable_workflow",
+    "workflow",
+]
+
+__version__ = "0.1.0"
+
+_install_await()
+_connect_worker()

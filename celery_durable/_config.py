@@ -1,0 +1,108 @@
+"""Settings on ``app.conf`` (all prefixed ``durable_``) and the per-app store.
+
+| setting | default | meaning |
+|---|---|---|
+| ``durable_database_url`` | ``sqlite:///celery_durable.sqlite3`` | where runs and history live |
+| ``durable_sweep_interval`` | ``10`` s | how often each worker's sweeper looks for lost work |
+| ``durable_stall_timeout`` | ``30`` s | how long a message may look lost before it is re-sent |
+| ``durable_worker_timeout`` | ``30`` s | silence after which a worker counts as dead |
+| ``durable_cache_size`` | ``1000`` | suspended runs kept in memory per process (0: always replay) |
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import ImproperlyConfigured
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from ._codec import Codec
+from ._store import Store
+
+__all__ = ["DEFAULT_DATABASE_URL", "Settings", "settings_for", "store_for"]
+
+DEFAULT_DATABASE_URL = "sqlite:///celery_durable.sqlite3"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``durable_*`` settings of one app, validated."""
+
+    database_url: str
+    sweep_interval: float
+    stall_timeout: float
+    worker_timeout: float
+    cache_size: int
+    serializer: str
+
+    @property
+    def codec(self) -> Codec:
+        return Codec(self.serializer)
+
+
+def _number(app: Celery, key: str, default: float, minimum: float) -> float:
+    value: Any = app.conf.get(key, default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number >= minimum:  # also rejects NaN
+        raise ImproperlyConfigured(
+            f"app.conf.{key} must be a number >= {minimum:g} (seconds), got {value!r}; "
+            f"leave it unset for the default of {default:g}"
+        )
+    return number
+
+
+def settings_for(app: Celery) -> Settings:
+    """Read and check the app's ``durable_*`` settings.
+
+    Raises:
+        ImproperlyConfigured: a setting is missing its right type or the URL is malformed.
+    """
+    url = app.conf.get("durable_database_url") or DEFAULT_DATABASE_URL
+    if not isinstance(url, str):
+        raise ImproperlyConfigured(
+            f"app.conf.durable_database_url must be an SQLAlchemy URL string, got {url!r}"
+        )
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ImproperlyConfigured(
+            f"app.conf.durable_database_url {url!r} is not a database URL: {exc}. Use e.g. "
+            "'sqlite:///celery_durable.sqlite3' or 'postgresql+psycopg://host/dbname'."
+        ) from exc
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() != "psycopg":
+        raise ImproperlyConfigured(
+            f"app.conf.durable_database_url {url!r} uses the driver "
+            f"{parsed.get_driver_name()!r}; celery_durable uses psycopg 3: write "
+            "'postgresql+psycopg://...' and install celery-durable[postgres]"
+        )
+    return Settings(
+        database_url=url,
+        sweep_interval=_number(app, "durable_sweep_interval", 10.0, 0.05),
+        stall_timeout=_number(app, "durable_stall_timeout", 30.0, 0.05),
+        worker_timeout=_number(app, "durable_worker_timeout", 30.0, 0.05),
+        cache_size=int(_number(app, "durable_cache_size", 1000, 0)),
+        serializer=str(app.conf.task_serializer or "json"),
+    )
+
+
+_stores: dict[str, Store] = {}
+_stores_lock = threading.Lock()
+
+
+def store_for(app: Celery) -> Store:
+    """The (process-wide, per-URL) store of ``app``."""
+    url = settings_for(app).database_url
+    store = _stores.get(url)
+    if store is None:
+        with _stores_lock:
+            store = _stores.get(url)
+            if store is None:
+                store = _stores[url] = Store(url)
+    return store

@@ -1,0 +1,98 @@
+"""The two kinds of message celery_durable sends, and the headers that mark them.
+
+* A **step message** is the user's own task, unchanged, under its own name, with a task
+  id equal to the step's dispatch id and headers naming the run and step. Workers record
+  its outcome from signal handlers (see ``_worker``).
+* A **wake message** is the workflow's driver task with the run id as its only argument.
+
+Publishing always happens after the transaction that made the message necessary has
+committed; a message lost between the two is re-sent by the sweeper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from celery import Celery
+from kombu import Producer
+
+__all__ = [
+    "DRIVER_OPTION_KEYS",
+    "HEADER_RUN",
+    "HEADER_SEQ",
+    "HEADER_WAKE",
+    "publish_step",
+    "publish_wake",
+    "step_headers",
+]
+
+HEADER_RUN = "durable_run"
+HEADER_SEQ = "durable_seq"
+HEADER_WORKFLOW = "durable_workflow"
+HEADER_DRIVER = "durable_driver"
+HEADER_WAKE = "durable_wake"
+
+#: Routing options of a driver (wake) message that are kept with the run.
+DRIVER_OPTION_KEYS = ("queue", "routing_key", "exchange", "priority")
+
+
+def step_headers(
+    run_id: str, seq: int, workflow: str, driver_options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Headers that tie a task message to step ``seq`` of a run."""
+    return {
+        HEADER_RUN: run_id,
+        HEADER_SEQ: seq,
+        HEADER_WORKFLOW: workflow,
+        HEADER_DRIVER: dict(driver_options),
+    }
+
+
+def publish_step(
+    app: Celery,
+    name: str,
+    args: Any,
+    kwargs: Any,
+    options: Mapping[str, Any],
+    dispatch_id: str,
+    headers: dict[str, Any],
+    producer: Producer | None = None,
+) -> None:
+    """Send the task ``name`` as one dispatch of a step."""
+    opts = dict(options)
+    merged = dict(opts.pop("headers", None) or {})
+    merged.update(headers)
+    task = app.tasks.get(name)
+    if task is not None:
+        # The registered task knows its own routing, serializer and default options.
+        task.apply_async(
+            tuple(args), dict(kwargs), task_id=dispatch_id, headers=merged, producer=producer, **opts
+        )
+    else:
+        app.send_task(
+            name,
+            tuple(args),
+            dict(kwargs),
+            task_id=dispatch_id,
+            headers=merged,
+            producer=producer,
+            **opts,
+        )
+
+
+def publish_wake(
+    app: Celery,
+    workflow: str,
+    run_id: str,
+    driver_options: Mapping[str, Any],
+    producer: Producer | None = None,
+) -> None:
+    """Ask a worker to run one driver turn of ``run_id``."""
+    app.send_task(
+        workflow,
+        (run_id,),
+        headers={HEADER_WAKE: True},
+        producer=producer,
+        **{k: v for k, v in driver_options.items() if k in DRIVER_OPTION_KEYS},
+    )

@@ -1,0 +1,101 @@
+"""The tables celery_durable keeps, as SQLAlchemy Core, with named indexes.
+
+Times are stored as UNIX seconds (floats) so that SQLite and PostgreSQL compare them the
+same way. Payloads are the serializer's bytes with their content type beside them.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+)
+
+__all__ = ["SCHEMA_VERSION", "meta", "metadata", "runs", "steps", "workers"]
+
+#: Bumped whenever the tables change; :class:`~celery_durable._store.Store` upgrades older ones.
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+meta = Table(
+    "durable_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", String(255), nullable=False),
+)
+
+runs = Table(
+    "durable_runs",
+    metadata,
+    Column("id", String(255), primary_key=True),
+    Column("workflow", String(255), nullable=False),
+    # PENDING (never driven), RUNNING, SUCCESS, FAILURE, STUCK
+    Column("status", String(16), nullable=False),
+    # Number of committed driver turns; also the fencing version of the row.
+    Column("turn", Integer, nullable=False, default=0),
+    # Set when a wake message is in flight, so N finishing steps send one wake, not N.
+    Column("wake_pending", Boolean, nullable=False, default=False),
+    Column("woken_at", Float, nullable=True),
+    Column("content_type", String(128), nullable=False),
+    Column("input", LargeBinary, nullable=False),
+    Column("result", LargeBinary, nullable=True),
+    Column("error", JSON, nullable=True),
+    # How driver messages are routed (queue, routing_key, priority...).
+    Column("options", JSON, nullable=False, default=dict),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float, nullable=True),
+    Column("updated_at", Float, nullable=False),
+    Column("finished_at", Float, nullable=True),
+    Index("ix_durable_runs_status_updated", "status", "updated_at"),
+    Index("ix_durable_runs_workflow_created", "workflow", "created_at"),
+)
+
+steps = Table(
+    "durable_steps",
+    metadata,
+    Column("run_id", String(255), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("created_turn", Integer, nullable=False),
+    # SCHEDULED -> CLAIMED -> DONE (outcome recorded) -> DELIVERED (fed to the workflow)
+    Column("state", String(16), nullable=False),
+    # Celery task id of the message that may run this step; any other copy is dropped.
+    Column("dispatch_id", String(64), nullable=False),
+    Column("dispatched_at", Float, nullable=False),
+    Column("redispatches", Integer, nullable=False, default=0),
+    Column("claimed_by", String(255), nullable=True),
+    Column("claimed_retries", Integer, nullable=True),
+    Column("claimed_at", Float, nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("content_type", String(128), nullable=False),
+    Column("input", LargeBinary, nullable=False),
+    Column("outcome", String(8), nullable=True),  # "ok" | "error"
+    Column("result", LargeBinary, nullable=True),
+    Column("error", JSON, nullable=True),
+    Column("completed_at", Float, nullable=True),
+    Column("observed_turn", Integer, nullable=True),
+    Column("observed_at", Float, nullable=True),
+    Index("ix_durable_steps_state_dispatched", "state", "dispatched_at"),
+)
+
+workers = Table(
+    "durable_workers",
+    metadata,
+    Column("id", String(255), primary_key=True),
+    Column("hostname", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+    Column("stopped_at", Float, nullable=True),
+    Index("ix_durable_workers_hostname", "hostname"),
+)

@@ -1,0 +1,907 @@
+"""The store: every durable fact about runs and steps, in SQL, behind one class.
+
+:class:`Store` knows SQLAlchemy and nothing of Celery. Each method is one short
+transaction; the methods that move a run forward are fenced on the run's ``turn`` so two
+drivers racing on one run can never both write history. SQLite (WAL, ``BEGIN
+IMMEDIATE``) and PostgreSQL (psycopg 3) are supported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+
+from . import _schema as s
+from ._codec import ErrorInfo
+from .errors import DurableError, StoreUnavailableError, WorkflowNotFoundError
+
+__all__ = [
+    "DONE",
+    "DELIVERED",
+    "CLAIMED",
+    "SCHEDULED",
+    "Dispatch",
+    "NewRun",
+    "NewStep",
+    "RunRecord",
+    "StepRecord",
+    "Store",
+    "TurnStart",
+]
+
+logger = logging.getLogger(__name__)
+
+# Run statuses (Celery's names where the meaning matches).
+PENDING, RUNNING, SUCCESS, FAILURE, STUCK = "PENDING", "RUNNING", "SUCCESS", "FAILURE", "STUCK"
+ACTIVE = (PENDING, RUNNING)
+FINISHED = (SUCCESS, FAILURE)
+
+# Step states.
+SCHEDULED, CLAIMED, DONE, DELIVERED = "SCHEDULED", "CLAIMED", "DONE", "DELIVERED"
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """A run to create."""
+
+    id: str
+    workflow: str
+    content_type: str
+    input: bytes
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run as stored."""
+
+    id: str
+    workflow: str
+    status: str
+    turn: int
+    content_type: str
+    input: bytes
+    result: bytes | None
+    error: ErrorInfo | None
+    options: Mapping[str, Any]
+    created_at: float
+    started_at: float | None
+    updated_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class NewStep:
+    """A step a driver turn schedules."""
+
+    seq: int
+    kind: str
+    name: str
+    content_type: str
+    input: bytes
+    dispatch_id: str
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """A step as stored."""
+
+    run_id: str
+    seq: int
+    kind: str
+    name: str
+    created_turn: int
+    state: str
+    dispatch_id: str
+    attempts: int
+    content_type: str
+    input: bytes
+    outcome: str | None
+    result: bytes | None
+    error: ErrorInfo | None
+    dispatched_at: float
+    completed_at: float | None
+    observed_turn: int | None
+    observed_at: float | None
+    claimed_by: str | None
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """What is needed to (re)publish one step's message."""
+
+    run_id: str
+    seq: int
+    name: str
+    dispatch_id: str
+    content_type: str
+    input: bytes
+    workflow: str
+    driver_options: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TurnStart:
+    """What a driver turn reads first: the run and the outcomes not yet delivered."""
+
+    run: RunRecord
+    new_outcomes: list[StepRecord]
+
+
+def _now() -> float:
+    return time.time()
+
+
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _dispose_after_fork() -> None:
+    # A forked child (prefork pool) must not share its parent's sockets or SQLite handles;
+    # close=False leaves the parent's connections alone and gives the child a fresh pool.
+    for engine in list(_engines):
+        engine.dispose(close=False)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_dispose_after_fork)
+
+
+def _make_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:":
+            directory = os.path.dirname(os.path.abspath(database))
+            os.makedirs(directory, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Hand transaction control to the "begin" hook below (pysqlite's own is lazy).
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=60000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            # Writers take the lock up front: a deferred transaction that upgrades to a
+            # write fails with SQLITE_BUSY at once instead of waiting its turn.
+            if conn.get_execution_options().get("durable_readonly"):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=20)
+    _engines.add(engine)
+    return engine
+
+
+def _safe_url(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+class Store:
+    """Runs and steps in SQL. Thread-safe; one per database URL per process is enough.
+
+    Args:
+        url: an SQLAlchemy URL, e.g. ``sqlite:///celery_durable.sqlite3`` or
+            ``postgresql+psycopg://127.0.0.1/app``.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = _make_engine(url)
+        self.dialect = self.engine.dialect.name
+        self._ready = False
+        self._ready_lock = threading.Lock()
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self, readonly: bool = False) -> Iterator[Connection]:
+        self.ensure_schema()
+        try:
+            conn = self.engine.connect()
+        except OperationalError as exc:
+            raise StoreUnavailableError(
+                f"cannot reach the workflow store at {_safe_url(self.url)}: {exc.orig}. "
+                "Check app.conf.durable_database_url and that the database server is running."
+            ) from exc
+        with conn:
+            if readonly:
+                conn = conn.execution_options(durable_readonly=True)
+            with conn.begin():
+                yield conn
+
+    def ensure_schema(self) -> None:
+        """Create the tables if they are missing and check the schema version."""
+        if self._ready:
+            return
+        with self._ready_lock:
+            if self._ready:
+                return
+            try:
+                self._create_schema()
+            except OperationalError as exc:
+                raise StoreUnavailableError(
+                    f"cannot reach the workflow store at {_safe_url(self.url)}: {exc.orig}. "
+                    "Check app.conf.durable_database_url and that the database server is "
+                    "running."
+                ) from exc
+            self._ready = True
+
+    def _create_schema(self) -> None:
+        for attempt in range(5):
+            try:
+                s.metadata.create_all(self.engine, checkfirst=True)
+                break
+            except (IntegrityError, OperationalError, SQLAlchemyError) as exc:
+                # Several processes creating the tables at once: one wins, the others
+                # see "already exists" and simply look again.
+                if attempt == 4 or "exist" not in str(exc).lower():
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(s.meta.c.value).where(s.meta.c.key == "schema_version")
+            ).scalar_one_or_none()
+            if row is None:
+                try:
+                    conn.execute(
+                        insert(s.meta).values(key="schema_version", value=str(s.SCHEMA_VERSION))
+                    )
+                except IntegrityError:
+                    pass
+            elif int(row) > s.SCHEMA_VERSION:
+                raise DurableError(
+                    f"the workflow store at {_safe_url(self.url)} has schema version {row}, "
+                    f"newer than this celery_durable understands ({s.SCHEMA_VERSION}); "
+                    "upgrade celery_durable on this machine"
+                )
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+    # -- starting and reading runs -------------------------------------------------------
+
+    def create_run(self, new: NewRun) -> bool:
+        """Insert ``new`` unless a run with its id exists; True when it was created."""
+        now = _now()
+        try:
+            with self._tx() as conn:
+                exists = conn.execute(select(s.runs.c.id).where(s.runs.c.id == new.id)).first()
+                if exists:
+                    return False
+                conn.execute(
+                    insert(s.runs).values(
+                        id=new.id,
+                        workflow=new.workflow,
+                        status=PENDING,
+                        turn=0,
+                        wake_pending=True,
+                        woken_at=now,
+                        content_type=new.content_type,
+                        input=new.input,
+                        options=dict(new.options),
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                return True
+        except IntegrityError:
+            return False  # a concurrent start of the same workflow id won
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        """The run with this id, or None."""
+        with self._tx(readonly=True) as conn:
+            row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
+        return None if row is None else _run(row)
+
+    def require_run(self, run_id: str) -> RunRecord:
+        """The run with this id, or :class:`WorkflowNotFoundError`."""
+        run = self.get_run(run_id)
+        if run is None:
+            raise WorkflowNotFoundError(
+                f"no workflow run with id {run_id!r} in the store at {_safe_url(self.url)}; "
+                "check the id and that this process uses the same durable_database_url"
+            )
+        return run
+
+    def get_status(self, run_id: str) -> str | None:
+        """Just the status of a run (cheap, for polling)."""
+        with self._tx(readonly=True) as conn:
+            return conn.execute(
+                select(s.runs.c.status).where(s.runs.c.id == run_id)
+            ).scalar_one_or_none()
+
+    def list_runs(
+        self, status: str | None = None, workflow: str | None = None, limit: int = 50
+    ) -> list[RunRecord]:
+        """Most recent runs first, optionally filtered."""
+        query = select(s.runs).order_by(s.runs.c.created_at.desc()).limit(limit)
+        if status:
+            query = query.where(s.runs.c.status == status)
+        if workflow:
+            query = query.where(s.runs.c.workflow == workflow)
+        with self._tx(readonly=True) as conn:
+            return [_run(r) for r in conn.execute(query)]
+
+    def history(self, run_id: str) -> list[StepRecord]:
+        """Every step of a run, in order."""
+        with self._tx(readonly=True) as conn:
+            rows = conn.execute(
+                select(s.steps).where(s.steps.c.run_id == run_id).order_by(s.steps.c.seq)
+            )
+            return [_step(r) for r in rows]
+
+    # -- driver turns --------------------------------------------------------------------
+
+    def begin_turn(self, run_id: str) -> TurnStart | None:
+        """Take the run's pending wake and read the outcomes not yet delivered."""
+        with self._tx() as conn:
+            conn.execute(
+                update(s.runs)
+                .where(and_(s.runs.c.id == run_id, s.runs.c.wake_pending.is_(True)))
+                .values(wake_pending=False)
+            )
+            row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
+            if row is None:
+                return None
+            outcomes = conn.execute(
+                select(s.steps)
+                .where(and_(s.steps.c.run_id == run_id, s.steps.c.state == DONE))
+                .order_by(s.steps.c.seq)
+            )
+            return TurnStart(_run(row), [_step(r) for r in outcomes])
+
+    def commit_turn(
+        self,
+        run_id: str,
+        turn: int,
+        delivered: Sequence[int],
+        new_steps: Sequence[NewStep],
+        at: float,
+        status: str = RUNNING,
+        result: tuple[str, bytes] | None = None,
+        error: ErrorInfo | None = None,
+    ) -> bool:
+        """Record turn ``turn + 1`` if the run is still at ``turn``; False if fenced out.
+
+        Marks ``delivered`` steps as delivered in this turn, inserts ``new_steps`` and sets
+        the run's status (and result or error when it finished).
+        """
+        values: dict[str, Any] = {"turn": turn + 1, "status": status, "updated_at": at}
+        if turn == 0:
+            values["started_at"] = at
+        if status in FINISHED:
+            values["finished_at"] = at
+        if result is not None:
+            values["content_type"], values["result"] = result
+        if error is not None:
+            values["error"] = error
+        with self._tx() as conn:
+            moved = conn.execute(
+                update(s.runs)
+                .where(
+                    and_(
+                        s.runs.c.id == run_id, s.runs.c.turn == turn, s.runs.c.status.in_(ACTIVE)
+                    )
+                )
+                .values(**values)
+            ).rowcount
+            if moved != 1:
+                conn.rollback()
+                return False
+            if delivered:
+                conn.execute(
+                    update(s.steps)
+                    .where(
+                        and_(
+                            s.steps.c.run_id == run_id,
+                            s.steps.c.seq.in_(list(delivered)),
+                            s.steps.c.state == DONE,
+                        )
+                    )
+                    .values(state=DELIVERED, observed_turn=turn + 1, observed_at=at)
+                )
+            if new_steps:
+                conn.execute(
+                    insert(s.steps),
+                    [
+                        {
+                            "run_id": run_id,
+                            "seq": step.seq,
+                            "kind": step.kind,
+                            "name": step.name,
+                            "created_turn": turn + 1,
+                            "state": SCHEDULED,
+                            "dispatch_id": step.dispatch_id,
+                            "dispatched_at": at,
+                            "redispatches": 0,
+                            "attempts": 0,
+                            "content_type": step.content_type,
+                            "input": step.input,
+                        }
+                        for step in new_steps
+                    ],
+                )
+        return True
+
+    def park(self, run_id: str, turn: int, status: str, error: ErrorInfo) -> bool:
+        """Stop a run at ``turn`` (without recording a new turn), keeping its history."""
+        at = _now()
+        with self._tx() as conn:
+            return (
+                conn.execute(
+                    update(s.runs)
+                    .where(
+                        and_(
+                            s.runs.c.id == run_id,
+                            s.runs.c.turn == turn,
+                            s.runs.c.status.in_(ACTIVE),
+                        )
+                    )
+                    .values(status=status, error=error, updated_at=at)
+                ).rowcount
+                == 1
+            )
+
+    def resume(self, run_id: str) -> str:
+        """Put a STUCK or FAILED run back to RUNNING; returns the status it had.
+
+        A failed run goes back to the turn before the one that failed: the outcomes that
+        turn delivered are delivered again, and steps that failed are scheduled again.
+        Returns the previous status; the caller publishes a wake.
+        """
+        at = _now()
+        with self._tx() as conn:
+            row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
+            if row is None:
+                raise WorkflowNotFoundError(f"no workflow run with id {run_id!r} to retry")
+            run = _run(row)
+            if run.status == STUCK:
+                conn.execute(
+                    update(s.runs)
+                    .where(s.runs.c.id == run_id)
+                    .values(status=RUNNING if run.turn else PENDING, error=None, updated_at=at)
+                )
+                return STUCK
+            if run.status != FAILURE:
+                raise DurableError(
+                    f"workflow {run.workflow}[{run_id}] is {run.status}; only STUCK or "
+                    "FAILURE runs can be retried"
+                )
+            created_last = conn.execute(
+                select(func.count())
+                .select_from(s.steps)
+                .where(and_(s.steps.c.run_id == run_id, s.steps.c.created_turn == run.turn))
+            ).scalar_one()
+            if created_last:
+                raise DurableError(
+                    f"workflow {run.workflow}[{run_id}] scheduled steps in the turn that "
+                    "failed, so it cannot be rewound; start a new run instead"
+                )
+            last = run.turn
+            conn.execute(
+                update(s.steps)
+                .where(
+                    and_(
+                        s.steps.c.run_id == run_id,
+                        s.steps.c.observed_turn == last,
+                        s.steps.c.outcome == "error",
+                    )
+                )
+                .values(
+                    state=SCHEDULED,
+                    outcome=None,
+                    error=None,
+                    result=None,
+                    observed_turn=None,
+                    observed_at=None,
+                    completed_at=None,
+                    claimed_by=None,
+                    claimed_retries=None,
+                    dispatch_id=func.coalesce(s.steps.c.dispatch_id, "") + "-r",
+                    dispatched_at=at,
+                )
+            )
+            conn.execute(
+                update(s.steps)
+                .where(and_(s.steps.c.run_id == run_id, s.steps.c.observed_turn == last))
+                .values(state=DONE, observed_turn=None, observed_at=None)
+            )
+            conn.execute(
+                update(s.runs)
+                .where(s.runs.c.id == run_id)
+                .values(
+                    status=RUNNING if last > 1 else PENDING,
+                    turn=last - 1,
+                    error=None,
+                    finished_at=None,
+                    updated_at=at,
+                )
+            )
+            return FAILURE
+
+    def dispatches_to_resend(self, run_id: str) -> list[Dispatch]:
+        """Steps of a run scheduled but not yet claimed, for publishing after a retry."""
+        with self._tx(readonly=True) as conn:
+            return _dispatches(
+                conn, and_(s.steps.c.run_id == run_id, s.steps.c.state == SCHEDULED)
+            )
+
+    # -- the activity side ---------------------------------------------------------------
+
+    def claim_step(
+        self, run_id: str, seq: int, dispatch_id: str, worker: str, retries: int
+    ) -> bool:
+        """Let the message ``dispatch_id`` run step ``seq``; False means drop the message.
+
+        A step is claimed once per dispatch; a Celery retry of the same message (more
+        ``retries``) may claim it again, a duplicate delivery may not.
+        """
+        at = _now()
+        with self._tx() as conn:
+            if self.dialect == "postgresql":
+                # Losing a claim in a database crash costs at worst one duplicate run of
+                # the step, so it need not wait for the disk.
+                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+            claimed = conn.execute(
+                update(s.steps)
+                .where(
+                    and_(
+                        s.steps.c.run_id == run_id,
+                        s.steps.c.seq == seq,
+                        s.steps.c.dispatch_id == dispatch_id,
+                        or_(
+                            s.steps.c.state == SCHEDULED,
+                            and_(
+                                s.steps.c.state == CLAIMED,
+                                s.steps.c.claimed_retries < retries,
+                            ),
+                        ),
+                    )
+                )
+                .values(
+                    state=CLAIMED,
+                    claimed_by=worker,
+                    claimed_at=at,
+                    claimed_retries=retries,
+                    attempts=s.steps.c.attempts + 1,
+                )
+            ).rowcount
+            return bool(claimed == 1)
+
+    def record_outcome(
+        self,
+        run_id: str,
+        seq: int,
+        result: tuple[str, bytes] | None = None,
+        error: ErrorInfo | None = None,
+    ) -> tuple[bool, bool]:
+        """Record a step's outcome once; returns ``(recorded, wake_needed)``.
+
+        ``wake_needed`` is True for exactly one of the outcomes that arrive while no wake
+        is in flight, so the caller publishes one driver message for a burst of them.
+        """
+        at = _now()
+        values: dict[str, Any] = {"state": DONE, "completed_at": at}
+        if error is not None:
+            values.update(outcome="error", error=error)
+        else:
+            assert result is not None
+            values.update(outcome="ok", content_type=result[0], result=result[1])
+        with self._tx() as conn:
+            recorded = conn.execute(
+                update(s.steps)
+                .where(
+                    and_(
+                        s.steps.c.run_id == run_id,
+                        s.steps.c.seq == seq,
+                        s.steps.c.state.in_((SCHEDULED, CLAIMED)),
+                    )
+                )
+                .values(**values)
+            ).rowcount
+            if recorded != 1:
+                return False, False
+            wake = conn.execute(
+                update(s.runs)
+                .where(
+                    and_(
+                        s.runs.c.id == run_id,
+                        s.runs.c.wake_pending.is_(False),
+                        s.runs.c.status.in_(ACTIVE),
+                    )
+                )
+                .values(wake_pending=True, woken_at=at)
+            ).rowcount
+            return True, wake == 1
+
+    def release_step(self, run_id: str, seq: int) -> Dispatch | None:
+        """Give a claimed step a new dispatch id (its worker died); the caller republishes."""
+        new_id = str(uuid.uuid4())
+        with self._tx() as conn:
+            moved = conn.execute(
+                update(s.steps)
+                .where(
+                    and_(
+                        s.steps.c.run_id == run_id,
+                        s.steps.c.seq == seq,
+                        s.steps.c.state == CLAIMED,
+                    )
+                )
+                .values(
+                    state=SCHEDULED,
+                    dispatch_id=new_id,
+                    dispatched_at=_now(),
+                    claimed_by=None,
+                    claimed_retries=None,
+                    redispatches=s.steps.c.redispatches + 1,
+                )
+            ).rowcount
+            if moved != 1:
+                return None
+            found = _dispatches(conn, and_(s.steps.c.run_id == run_id, s.steps.c.seq == seq))
+            return found[0] if found else None
+
+    # -- workers and the sweeper ---------------------------------------------------------
+
+    def heartbeat(self, worker: str, hostname: str, pid: int) -> None:
+        """Record that ``worker`` is alive now (registering it the first time)."""
+        at = _now()
+        with self._tx() as conn:
+            seen = conn.execute(
+                update(s.workers)
+                .where(s.workers.c.id == worker)
+                .values(last_seen=at, stopped_at=None)
+            ).rowcount
+            if not seen:
+                conn.execute(
+                    insert(s.workers).values(
+                        id=worker, hostname=hostname, pid=pid, started_at=at, last_seen=at
+                    )
+                )
+                # A worker starting under a node name means any older instance with that
+                # name is gone (Celery refuses two live workers with one name).
+                conn.execute(
+                    update(s.workers)
+                    .where(
+                        and_(
+                            s.workers.c.hostname == hostname,
+                            s.workers.c.id != worker,
+                            s.workers.c.stopped_at.is_(None),
+                        )
+                    )
+                    .values(stopped_at=at)
+                )
+
+    def worker_stopped(self, worker: str) -> None:
+        """Record a clean shutdown of ``worker``."""
+        with self._tx() as conn:
+            conn.execute(update(s.workers).where(s.workers.c.id == worker).values(stopped_at=_now()))
+
+    def release_dead_claims(self, dead_after: float) -> list[Dispatch]:
+        """New dispatches for steps claimed by workers that stopped or went silent."""
+        cutoff = _now() - dead_after
+        dead = select(s.workers.c.id).where(
+            or_(s.workers.c.stopped_at.is_not(None), s.workers.c.last_seen < cutoff)
+        )
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(s.steps.c.run_id, s.steps.c.seq).where(
+                    and_(s.steps.c.state == CLAIMED, s.steps.c.claimed_by.in_(dead))
+                )
+            ).all()
+        released = []
+        for run_id, seq in rows:
+            dispatch = self.release_step(run_id, seq)
+            if dispatch is not None:
+                released.append(dispatch)
+        return released
+
+    def stale_dispatches(self, older_than: float, limit: int = 1000) -> list[Dispatch]:
+        """Steps published but never claimed for a while, taken for re-publishing.
+
+        Each step is taken by one sweeper only, and waits twice as long before its next
+        re-publish, so a long queue is not flooded with copies. The copies share the
+        dispatch id, so whichever is received first runs and the others are dropped.
+        """
+        now = _now()
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(s.steps.c.run_id, s.steps.c.seq, s.steps.c.redispatches)
+                .where(
+                    and_(
+                        s.steps.c.state == SCHEDULED,
+                        s.steps.c.dispatched_at < now - older_than,
+                    )
+                )
+                .limit(limit)
+            ).all()
+            taken = []
+            for run_id, seq, redispatches in rows:
+                wait = older_than * (2 ** min(int(redispatches), 6))
+                moved = conn.execute(
+                    update(s.steps)
+                    .where(
+                        and_(
+                            s.steps.c.run_id == run_id,
+                            s.steps.c.seq == seq,
+                            s.steps.c.state == SCHEDULED,
+                            s.steps.c.dispatched_at < now - wait,
+                        )
+                    )
+                    .values(dispatched_at=now, redispatches=s.steps.c.redispatches + 1)
+                ).rowcount
+                if moved:
+                    taken.append((run_id, seq))
+            if not taken:
+                return []
+            return [
+                d
+                for d in _dispatches(conn, s.steps.c.state == SCHEDULED, taken)
+                if (d.run_id, d.seq) in set(taken)
+            ]
+
+    def runs_to_wake(self, older_than: float, limit: int = 1000) -> list[RunRecord]:
+        """Active runs with work to do whose wake looks lost; each taken by one sweeper."""
+        now = _now()
+        cutoff = now - older_than
+        has_outcome = (
+            select(s.steps.c.run_id)
+            .where(and_(s.steps.c.state == DONE, s.steps.c.completed_at < cutoff))
+            .scalar_subquery()
+        )
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(s.runs)
+                .where(
+                    and_(
+                        s.runs.c.status.in_(ACTIVE),
+                        or_(s.runs.c.woken_at.is_(None), s.runs.c.woken_at < cutoff),
+                        or_(
+                            and_(s.runs.c.turn == 0, s.runs.c.updated_at < cutoff),
+                            s.runs.c.id.in_(has_outcome),
+                        ),
+                    )
+                )
+                .limit(limit)
+            ).all()
+            taken = []
+            for row in rows:
+                moved = conn.execute(
+                    update(s.runs)
+                    .where(
+                        and_(
+                            s.runs.c.id == row.id,
+                            or_(s.runs.c.woken_at.is_(None), s.runs.c.woken_at < cutoff),
+                        )
+                    )
+                    .values(woken_at=now, wake_pending=True)
+                ).rowcount
+                if moved:
+                    taken.append(_run(row))
+            return taken
+
+    def stuck_runs(self, limit: int = 1000) -> list[RunRecord]:
+        """Runs parked as STUCK (retried when new code starts)."""
+        with self._tx(readonly=True) as conn:
+            rows = conn.execute(select(s.runs).where(s.runs.c.status == STUCK).limit(limit))
+            return [_run(r) for r in rows]
+
+    def forget_workers(self, older_than: float) -> None:
+        """Delete worker rows long gone and holding no claims."""
+        cutoff = _now() - older_than
+        claimed = select(s.steps.c.claimed_by).where(s.steps.c.state == CLAIMED)
+        with self._tx() as conn:
+            conn.execute(
+                delete(s.workers).where(
+                    and_(s.workers.c.last_seen < cutoff, s.workers.c.id.not_in(claimed))
+                )
+            )
+
+
+def _dispatches(
+    conn: Connection, condition: Any, keys: Sequence[tuple[str, int]] | None = None
+) -> list[Dispatch]:
+    query = (
+        select(
+            s.steps.c.run_id,
+            s.steps.c.seq,
+            s.steps.c.name,
+            s.steps.c.dispatch_id,
+            s.steps.c.content_type,
+            s.steps.c.input,
+            s.runs.c.workflow,
+            s.runs.c.options,
+        )
+        .join(s.runs, s.runs.c.id == s.steps.c.run_id)
+        .where(condition)
+        .order_by(s.steps.c.run_id, s.steps.c.seq)
+    )
+    if keys is not None:
+        query = query.where(s.steps.c.run_id.in_(sorted({k[0] for k in keys})))
+    return [
+        Dispatch(
+            run_id=r.run_id,
+            seq=r.seq,
+            name=r.name,
+            dispatch_id=r.dispatch_id,
+            content_type=r.content_type,
+            input=r.input,
+            workflow=r.workflow,
+            driver_options=r.options or {},
+        )
+        for r in conn.execute(query)
+    ]
+
+
+def _run(row: Any) -> RunRecord:
+    return RunRecord(
+        id=row.id,
+        workflow=row.workflow,
+        status=row.status,
+        turn=row.turn,
+        content_type=row.content_type,
+        input=row.input,
+        result=row.result,
+        error=row.error,
+        options=row.options or {},
+        created_at=row.created_at,
+        started_at=row.started_at,
+        updated_at=row.updated_at,
+        finished_at=row.finished_at,
+    )
+
+
+def _step(row: Any) -> StepRecord:
+    return StepRecord(
+        run_id=row.run_id,
+        seq=row.seq,
+        kind=row.kind,
+        name=row.name,
+        created_turn=row.created_turn,
+        state=row.state,
+        dispatch_id=row.dispatch_id,
+        attempts=row.attempts,
+        content_type=row.content_type,
+        input=row.input,
+        outcome=row.outcome,
+        result=row.result,
+        error=row.error,
+        dispatched_at=row.dispatched_at,
+        completed_at=row.completed_at,
+        observed_turn=row.observed_turn,
+        observed_at=row.observed_at,
+        claimed_by=row.claimed_by,
+    )

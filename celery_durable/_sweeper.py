@@ -1,0 +1,127 @@
+"""Recovering what the broker lost, from SQL.
+
+Every worker runs a :class:`Sweeper` (started by the worker bootstep). Each pass it:
+
+1. records a heartbeat for this worker;
+2. gives new dispatches to steps claimed by workers that stopped or went silent, and
+   re-sends them (a worker killed mid-step, or holding prefetched or ETA messages);
+3. re-sends steps published but never claimed for ``durable_stall_timeout`` (a broker
+   restart, a crash between commit and publish); copies share the dispatch id, so
+   whichever arrives first runs and the others are dropped;
+4. wakes active runs that have outcomes nobody delivered, or were never driven.
+
+Many workers may sweep at once: each item is taken by one of them in a fenced update.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable
+
+from celery import Celery
+
+from ._config import settings_for, store_for
+from ._messages import publish_step, publish_wake, step_headers
+from ._store import Dispatch
+
+__all__ = ["Sweeper", "resend"]
+
+logger = logging.getLogger(__name__)
+
+
+def resend(app: Celery, dispatches: Iterable[Dispatch]) -> int:
+    """Publish each dispatch again; returns how many were sent."""
+    codec = settings_for(app).codec
+    sent = 0
+    items = list(dispatches)
+    if not items:
+        return 0
+    with app.producer_or_acquire() as producer:
+        for dispatch in items:
+            args, kwargs, options = codec.loads(dispatch.content_type, dispatch.input)
+            publish_step(
+                app,
+                dispatch.name,
+                args,
+                kwargs,
+                options,
+                dispatch.dispatch_id,
+                step_headers(dispatch.run_id, dispatch.seq, dispatch.workflow, dispatch.driver_options),
+                producer=producer,
+            )
+            sent += 1
+    return sent
+
+
+class Sweeper:
+    """Periodic recovery for one worker process; :meth:`sweep` is one pass."""
+
+    def __init__(self, app: Celery, worker_id: str, hostname: str) -> None:
+        self.app = app
+        self.worker_id = worker_id
+        self.hostname = hostname
+        self.settings = settings_for(app)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sweep(self) -> dict[str, int]:
+        """One recovery pass; returns counts of what it re-sent."""
+        store = store_for(self.app)
+        store.heartbeat(self.worker_id, self.hostname, os.getpid())
+        released = resend(self.app, store.release_dead_claims(self.settings.worker_timeout))
+        stale = resend(self.app, store.stale_dispatches(self.settings.stall_timeout))
+        woken = 0
+        runs = store.runs_to_wake(self.settings.stall_timeout)
+        if runs:
+            with self.app.producer_or_acquire() as producer:
+                for run in runs:
+                    publish_wake(self.app, run.workflow, run.id, run.options, producer=producer)
+                    woken += 1
+        if released or stale or woken:
+            logger.warning(
+                "celery_durable sweeper: re-sent %d steps of dead workers, %d unclaimed "
+                "steps, and woke %d runs",
+                released,
+                stale,
+                woken,
+            )
+        return {"released": released, "stale": stale, "woken": woken}
+
+    def retry_stuck(self) -> int:
+        """Wake STUCK runs once (new code may have fixed them); returns how many."""
+        from .client import WorkflowHandle
+
+        count = 0
+        for run in store_for(self.app).stuck_runs():
+            try:
+                WorkflowHandle(run.id, app=self.app).retry()
+                count += 1
+            except Exception:
+                logger.exception("could not retry stuck run %s", run.id)
+        return count
+
+    def start(self) -> None:
+        """Sweep in a daemon thread until :meth:`stop`."""
+        self._thread = threading.Thread(target=self._loop, name="celery-durable-sweeper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sweeping (waits for a pass in progress)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        try:
+            self.retry_stuck()
+        except Exception:
+            logger.exception("celery_durable sweeper: retrying stuck runs failed")
+        while not self._stop.is_set():
+            try:
+                self.sweep()
+            except Exception:
+                # The database or broker may be down for a while; keep trying.
+                logger.exception("celery_durable sweeper pass failed; will try again")
+            self._stop.wait(self.settings.sweep_interval)

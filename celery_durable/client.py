@@ -1,0 +1,261 @@
+"""Handles on workflow runs, usable from any process that can reach the store."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Generic, TypeVar
+
+from celery import Celery, current_app
+
+from ._codec import decode_error
+from ._config import settings_for, store_for
+from ._messages import publish_step, publish_wake, step_headers
+from ._store import FAILURE, FINISHED, STUCK, SUCCESS, RunRecord, Store
+from .errors import WorkflowFailedError, WorkflowTimeoutError
+
+__all__ = ["StepInfo", "WorkflowHandle"]
+
+R = TypeVar("R")
+
+
+def _dt(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One step of a run's history, decoded for people and tools."""
+
+    seq: int
+    kind: str
+    name: str
+    state: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    result: Any
+    error: dict[str, Any] | None
+    attempts: int
+    task_id: str
+    scheduled_at: datetime | None
+    completed_at: datetime | None
+
+
+class WorkflowHandle(Generic[R]):
+    """A run of a workflow, by id; behaves like Celery's ``AsyncResult`` where it can.
+
+    Args:
+        id: the workflow id (what ``apply_async(workflow_id=...)`` took, or a generated one).
+        app: the Celery app whose ``durable_database_url`` holds the run (default: current).
+
+    Example::
+
+        handle = checkout.delay("o-1", ["a", "b"])
+        handle.get(timeout=30)
+        WorkflowHandle(handle.id, app=app).status   # from any process
+    """
+
+    def __init__(self, id: str, app: Celery | None = None) -> None:
+        self.id = id
+        self.app = app or current_app
+
+    @property
+    def workflow_id(self) -> str:
+        """Same as :attr:`id`."""
+        return self.id
+
+    @property
+    def _store(self) -> Store:
+        return store_for(self.app)
+
+    def _run(self) -> RunRecord:
+        return self._store.require_run(self.id)
+
+    def __repr__(self) -> str:
+        return f"<WorkflowHandle: {self.id}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WorkflowHandle) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    # -- state, like AsyncResult ---------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        """PENDING, RUNNING, SUCCESS, FAILURE or STUCK.
+
+        Raises:
+            WorkflowNotFoundError: no run has this id.
+        """
+        status = self._store.get_status(self.id)
+        if status is None:
+            self._run()  # raises the clear "not found" error
+        return str(status)
+
+    state = status
+
+    @property
+    def workflow(self) -> str:
+        """The name of the workflow this run belongs to."""
+        return self._run().workflow
+
+    def ready(self) -> bool:
+        """True once the run has finished (succeeded or failed)."""
+        return self.status in FINISHED
+
+    def successful(self) -> bool:
+        """True if the run finished with a result."""
+        return self.status == SUCCESS
+
+    def failed(self) -> bool:
+        """True if the run finished with an exception."""
+        return self.status == FAILURE
+
+    @property
+    def result(self) -> Any:
+        """The return value when successful, the exception when failed, else None."""
+        run = self._run()
+        if run.status == SUCCESS:
+            return self._value(run)
+        if run.status in (FAILURE, STUCK):
+            return self._exception(run)
+        return None
+
+    @property
+    def traceback(self) -> str | None:
+        """The traceback text of a failed (or stuck) run."""
+        run = self._run()
+        return None if run.error is None else str(run.error.get("traceback") or "") or None
+
+    def get(
+        self,
+        timeout: float | None = None,
+        propagate: bool = True,
+        interval: float = 0.2,
+    ) -> R:
+        """Wait for the run to finish and return its result, like ``AsyncResult.get``.
+
+        Args:
+            timeout: seconds to wait at most (None: forever).
+            propagate: re-raise the run's exception if it failed (else return it).
+            interval: the longest pause between two looks at the store.
+
+        Raises:
+            WorkflowTimeoutError: the run did not finish within ``timeout``.
+            Exception: the workflow's own exception when it failed (and ``propagate``).
+            NonDeterminismError: the run is STUCK (fix the code and :meth:`retry`).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.002
+        store = self._store
+        while True:
+            status = store.get_status(self.id)
+            if status is None:
+                self._run()
+            if status in FINISHED or status == STUCK:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WorkflowTimeoutError(
+                    f"workflow run {self.id} did not finish within {timeout} s "
+                    f"(it is {status}); wait longer or check `celery durable show {self.id}`"
+                )
+            time.sleep(pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, interval)
+        run = self._run()
+        if run.status == SUCCESS:
+            return self._value(run)  # type: ignore[no-any-return]
+        exc = self._exception(run)
+        if propagate or run.status == STUCK:
+            raise exc
+        return exc  # type: ignore[return-value]
+
+    def _value(self, run: RunRecord) -> Any:
+        if run.result is None:
+            return None
+        return settings_for(self.app).codec.loads(run.content_type, run.result)
+
+    @staticmethod
+    def _exception(run: RunRecord) -> BaseException:
+        if not run.error:
+            return WorkflowFailedError(f"workflow {run.workflow}[{run.id}] failed")
+        return decode_error(run.error)
+
+    # -- history and operations ----------------------------------------------------------
+
+    @property
+    def history(self) -> list[StepInfo]:
+        """The run's steps in order, with their arguments and outcomes."""
+        codec = settings_for(self.app).codec
+        steps = []
+        for record in self._store.history(self.id):
+            args, kwargs, _options = codec.loads(record.content_type, record.input)
+            result = None
+            if record.outcome == "ok" and record.result is not None:
+                result = codec.loads(record.content_type, record.result)
+            steps.append(
+                StepInfo(
+                    seq=record.seq,
+                    kind=record.kind,
+                    name=record.name,
+                    state=record.state,
+                    args=list(args),
+                    kwargs=dict(kwargs),
+                    result=result,
+                    error=record.error,
+                    attempts=record.attempts,
+                    task_id=record.dispatch_id,
+                    scheduled_at=_dt(record.dispatched_at),
+                    completed_at=_dt(record.completed_at),
+                )
+            )
+        return steps
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary of the run: status, times, error, step counts."""
+        run = self._run()
+        counts: dict[str, int] = {}
+        for record in self._store.history(self.id):
+            counts[record.state] = counts.get(record.state, 0) + 1
+        return {
+            "id": run.id,
+            "workflow": run.workflow,
+            "status": run.status,
+            "turns": run.turn,
+            "created_at": _dt(run.created_at),
+            "started_at": _dt(run.started_at),
+            "finished_at": _dt(run.finished_at),
+            "steps": counts,
+            "error": run.error,
+        }
+
+    def retry(self) -> None:
+        """Resume a STUCK run, or re-run the failed steps of a FAILED one.
+
+        A STUCK run continues from its history (deploy the fixed code first). A FAILED
+        run goes back one turn: the steps whose failure ended it run again, and the
+        workflow code sees their new outcomes.
+
+        Raises:
+            DurableError: the run is not STUCK or FAILED, or cannot be rewound.
+        """
+        store = self._store
+        store.resume(self.id)
+        run = store.require_run(self.id)
+        with self.app.producer_or_acquire() as producer:
+            codec = settings_for(self.app).codec
+            for dispatch in store.dispatches_to_resend(self.id):
+                args, kwargs, options = codec.loads(dispatch.content_type, dispatch.input)
+                publish_step(
+                    self.app,
+                    dispatch.name,
+                    args,
+                    kwargs,
+                    options,
+                    dispatch.dispatch_id,
+                    step_headers(run.id, dispatch.seq, run.workflow, run.options),
+                    producer=producer,
+                )
+            publish_wake(self.app, run.workflow, run.id, run.options, producer=producer)

@@ -1,0 +1,89 @@
+"""The exceptions celery_durable raises, one tree under :class:`DurableError`.
+
+Every message names the workflow run (and the step, where there is one) and says what
+to do about it. Errors keep their arguments in ``args`` so they pickle and cross
+process boundaries intact.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ActivityError",
+    "DurableError",
+    "NonDeterminismError",
+    "NotInWorkflowError",
+    "StoreUnavailableError",
+    "UnknownWorkflowError",
+    "WorkflowAwaitError",
+    "WorkflowEncodeError",
+    "WorkflowFailedError",
+    "WorkflowNotFoundError",
+    "WorkflowTimeoutError",
+]
+
+
+class DurableError(Exception):
+    """Base class of every error raised by celery_durable."""
+
+
+class NotInWorkflowError(DurableError, RuntimeError):
+    """A workflow-only helper was used outside a running workflow."""
+
+
+class WorkflowAwaitError(DurableError, TypeError):
+    """A workflow awaited something that is not a durable operation."""
+
+
+class WorkflowEncodeError(DurableError, TypeError):
+    """Arguments or a result could not be encoded by the configured serializer."""
+
+
+class UnknownWorkflowError(DurableError, LookupError):
+    """No workflow of that name is registered in this process."""
+
+
+class WorkflowNotFoundError(DurableError, LookupError):
+    """No run with that workflow id exists in the store."""
+
+
+class StoreUnavailableError(DurableError, ConnectionError):
+    """The workflow store (database) could not be reached."""
+
+
+class WorkflowTimeoutError(DurableError, TimeoutError):
+    """Waiting for a workflow's result took longer than the timeout given."""
+
+
+class NonDeterminismError(DurableError):
+    """Replaying a run scheduled something different from what its history recorded.
+
+    The run is parked as ``STUCK`` with its history intact; deploy code that schedules
+    the same steps in the same order (or version the change) and retry it.
+    """
+
+
+class ActivityError(DurableError):
+    """An activity failed with an exception that cannot be rebuilt in this process.
+
+    Attributes:
+        exc_type: qualified name of the original exception type.
+        exc_module: module the original exception type lives in.
+        exc_message: ``str()`` of the original exception.
+        remote_traceback: the traceback text captured where it was raised.
+    """
+
+    def __init__(
+        self, exc_type: str, exc_module: str, exc_message: str, remote_traceback: str = ""
+    ) -> None:
+        super().__init__(exc_type, exc_module, exc_message, remote_traceback)
+        self.exc_type = exc_type
+        self.exc_module = exc_module
+        self.exc_message = exc_message
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        return f"{self.exc_module}.{self.exc_type}: {self.exc_message}"
+
+
+class WorkflowFailedError(DurableError):
+    """A workflow failed with an exception that cannot be rebuilt in this process."""
