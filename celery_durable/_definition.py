@@ -254,7 +254,8 @@ def start_by_name(
     app: Celery, name: str, args: Any = (), kwargs: Any = None, workflow_id: str | None = None
 ) -> WorkflowHandle[Any]:
     """Start a run of the workflow registered as ``name`` in this process."""
-    definition = registry.get(name)
+    task = app.tasks.get(name)  # finalizes the app, which registers its workflows
+    definition = getattr(task, "durable", None) or registry.get(name)
     if definition is None:
         known = ", ".join(sorted(registry)) or "none"
         raise UnknownWorkflowError(

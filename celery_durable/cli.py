@@ -1,0 +1,136 @@
+"""``celery -A proj durable ...``: look at runs, their history, and act on them.
+
+Registered under Celery's ``celery.commands`` entry point, so it takes the usual ``-A``
+option and reads the app's ``durable_database_url``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+import click
+from celery import Celery
+from celery.bin.base import CeleryCommand
+
+from ._config import settings_for, store_for
+from ._definition import start_by_name
+from ._sweeper import Sweeper
+from ._worker import worker_id
+from .client import WorkflowHandle
+from .errors import DurableError
+
+__all__ = ["durable"]
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _app(ctx: click.Context) -> Celery:
+    app: Celery = ctx.obj.app
+    return app
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@click.group(cls=click.Group)
+@click.pass_context
+def durable(ctx: click.Context) -> None:
+    """Inspect and operate durable workflow runs."""
+
+
+@durable.command(cls=CeleryCommand, name="list")
+@click.option("--status", help="Only runs with this status (RUNNING, FAILURE, STUCK...).")
+@click.option("--workflow", help="Only runs of this workflow (its task name).")
+@click.option("--limit", default=50, show_default=True, help="How many runs at most.")
+@click.pass_context
+def list_runs(ctx: click.Context, status: str | None, workflow: str | None, limit: int) -> None:
+    """List recent runs, newest first."""
+    runs = store_for(_app(ctx)).list_runs(status=status, workflow=workflow, limit=limit)
+    if not runs:
+        click.echo("no runs")
+        return
+    click.echo(f"{'ID':<38} {'STATUS':<8} {'TURNS':>5}  {'CREATED':<19}  WORKFLOW")
+    for run in runs:
+        click.echo(
+            f"{run.id:<38} {run.status:<8} {run.turn:>5}  {_when(run.created_at):<19}  {run.workflow}"
+        )
+
+
+@durable.command(cls=CeleryCommand)
+@click.argument("workflow_id")
+@click.pass_context
+def show(ctx: click.Context, workflow_id: str) -> None:
+    """Show one run: status, arguments, result or error, and every step."""
+    app = _app(ctx)
+    handle: WorkflowHandle[Any] = WorkflowHandle(workflow_id, app=app)
+    try:
+        run = store_for(app).require_run(workflow_id)
+        codec = settings_for(app).codec
+        args, kwargs = codec.loads(run.content_type, run.input)
+        click.echo(f"run:      {run.id}")
+        click.echo(f"workflow: {run.workflow}")
+        click.echo(f"status:   {run.status} (turn {run.turn})")
+        click.echo(f"input:    args={_short(args)} kwargs={_short(kwargs)}")
+        click.echo(f"created:  {_when(run.created_at)}  finished: {_when(run.finished_at)}")
+        if run.status == "SUCCESS":
+            click.echo(f"result:   {_short(handle.result, 200)}")
+        if run.error:
+            click.echo(f"error:    {run.error.get('module')}.{run.error.get('type')}: {run.error.get('message')}")
+        click.echo("steps:")
+        for step in handle.history:
+            outcome = _short(step.result) if step.error is None else f"error {step.error.get('type')}: {step.error.get('message')}"
+            click.echo(
+                f"  {step.seq:>4} {step.state:<9} {step.name}{_short(step.args, 40)} "
+                f"attempts={step.attempts} -> {outcome}"
+            )
+    except DurableError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@durable.command(cls=CeleryCommand)
+@click.argument("workflow_id")
+@click.pass_context
+def retry(ctx: click.Context, workflow_id: str) -> None:
+    """Resume a STUCK run, or re-run the failed steps of a FAILED one."""
+    try:
+        WorkflowHandle(workflow_id, app=_app(ctx)).retry()
+    except DurableError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{workflow_id}: retrying")
+
+
+@durable.command(cls=CeleryCommand)
+@click.argument("name")
+@click.argument("args", required=False, default="[]")
+@click.option("--id", "workflow_id", help="Workflow id (starting an existing id is a no-op).")
+@click.pass_context
+def start(ctx: click.Context, name: str, args: str, workflow_id: str | None) -> None:
+    """Start workflow NAME with ARGS, a JSON list of positional arguments."""
+    try:
+        parsed = json.loads(args)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"ARGS must be a JSON list: {exc}") from exc
+    if not isinstance(parsed, list):
+        raise click.BadParameter("ARGS must be a JSON list, e.g. '[\"o-1\", 3]'")
+    try:
+        handle = start_by_name(_app(ctx), name, parsed, workflow_id=workflow_id)
+    except (DurableError, TypeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(handle.id)
+
+
+@durable.command(cls=CeleryCommand)
+@click.pass_context
+def sweep(ctx: click.Context) -> None:
+    """Run one recovery pass now (re-send lost steps, wake stalled runs)."""
+    app = _app(ctx)
+    counts = Sweeper(app, worker_id(), "celery-durable-cli").sweep()
+    click.echo(", ".join(f"{k}={v}" for k, v in counts.items()))
