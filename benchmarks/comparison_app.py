@@ -1,0 +1,69 @@
+"""The Celery app that ``compare_celery.py`` measures: the same tasks, run two ways.
+
+Imported both by the benchmark script (which starts runs and waits for them) and by the
+``celery worker`` processes it starts (``-A comparison_app``). Everything that differs
+between machines comes from environment variables, which the script sets before it
+imports this module and passes on to the workers:
+
+| variable | meaning |
+|---|---|
+| ``BENCH_BROKER_URL`` | the broker both sides use |
+| ``BENCH_RESULT_URL`` | the Celery result backend (for ``chain``/``chord`` only) |
+| ``BENCH_STORE_URL`` | ``durable_database_url`` |
+| ``BENCH_QUEUE`` | the one queue every message of the benchmark goes to |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from celery import Celery
+
+from celery_durable import durable_workflow
+
+QUEUE = os.environ.get("BENCH_QUEUE", "durable_bench")
+
+app = Celery(
+    "durable_bench",
+    broker=os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/14"),
+    backend=os.environ.get("BENCH_RESULT_URL", "redis://127.0.0.1:6379/15"),
+)
+app.conf.update(
+    task_default_queue=QUEUE,
+    durable_database_url=os.environ.get(
+        "BENCH_STORE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/durable_bench"
+    ),
+    result_expires=3600,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    worker_redirect_stdouts=False,
+)
+
+
+@app.task(name="bench.add_one")
+def add_one(x: int) -> int:
+    """The unit of work: as small as possible, so the engines' overhead is what is timed."""
+    return x + 1
+
+
+@app.task(name="bench.total")
+def total(values: list[int]) -> int:
+    """The chord's callback."""
+    return sum(values)
+
+
+@durable_workflow(name="bench.sequential")
+async def sequential(n: int) -> int:
+    """``n`` activities one after another: the durable twin of ``chain`` of ``n``."""
+    x = 0
+    for _ in range(n):
+        x = await add_one.s(x)
+    return x
+
+
+@durable_workflow(name="bench.fanout")
+async def fanout(n: int) -> int:
+    """``n`` activities at once, then their sum: the durable twin of a ``chord`` of ``n``."""
+    values = await asyncio.gather(*(add_one.s(i) for i in range(n)))
+    return sum(values)
