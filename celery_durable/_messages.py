@@ -19,6 +19,7 @@ from kombu import Producer
 
 __all__ = [
     "DRIVER_OPTION_KEYS",
+    "HEADER_DISPATCH",
     "HEADER_RUN",
     "HEADER_SEQ",
     "HEADER_WAKE",
@@ -32,6 +33,7 @@ HEADER_SEQ = "durable_seq"
 HEADER_WORKFLOW = "durable_workflow"
 HEADER_DRIVER = "durable_driver"
 HEADER_WAKE = "durable_wake"
+HEADER_DISPATCH = "durable_dispatch"
 
 #: Routing options of a driver (wake) message that are kept with the run.
 DRIVER_OPTION_KEYS = ("queue", "routing_key", "exchange", "priority")
@@ -58,23 +60,31 @@ def publish_step(
     dispatch_id: str,
     headers: dict[str, Any],
     producer: Producer | None = None,
+    task_id: str | None = None,
 ) -> None:
-    """Send the task ``name`` as one dispatch of a step."""
+    """Send the task ``name`` as one dispatch of a step.
+
+    The dispatch id travels in a header; the Celery task id is the dispatch id for the
+    first copy and a fresh id for re-sent copies (``task_id``), because a worker drops a
+    losing copy by revoking its task id, which must not also revoke the copy that won.
+    """
     opts = dict(options)
     merged = dict(opts.pop("headers", None) or {})
     merged.update(headers)
+    merged[HEADER_DISPATCH] = dispatch_id
+    task_id = task_id or dispatch_id
     task = app.tasks.get(name)
     if task is not None:
         # The registered task knows its own routing, serializer and default options.
         task.apply_async(
-            tuple(args), dict(kwargs), task_id=dispatch_id, headers=merged, producer=producer, **opts
+            tuple(args), dict(kwargs), task_id=task_id, headers=merged, producer=producer, **opts
         )
     else:
         app.send_task(
             name,
             tuple(args),
             dict(kwargs),
-            task_id=dispatch_id,
+            task_id=task_id,
             headers=merged,
             producer=producer,
             **opts,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Iterable
 
 from celery import Celery
@@ -31,8 +32,12 @@ __all__ = ["Sweeper", "resend"]
 logger = logging.getLogger(__name__)
 
 
-def resend(app: Celery, dispatches: Iterable[Dispatch]) -> int:
-    """Publish each dispatch again; returns how many were sent."""
+def resend(app: Celery, dispatches: Iterable[Dispatch], copies: bool = False) -> int:
+    """Publish each dispatch again; returns how many were sent.
+
+    ``copies`` means the earlier message of the same dispatch may still be delivered, so
+    this one gets a task id of its own (see :func:`publish_step`).
+    """
     codec = settings_for(app).codec
     sent = 0
     items = list(dispatches)
@@ -50,6 +55,7 @@ def resend(app: Celery, dispatches: Iterable[Dispatch]) -> int:
                 dispatch.dispatch_id,
                 step_headers(dispatch.run_id, dispatch.seq, dispatch.workflow, dispatch.driver_options),
                 producer=producer,
+                task_id=str(uuid.uuid4()) if copies else None,
             )
             sent += 1
     return sent
@@ -71,7 +77,7 @@ class Sweeper:
         store = store_for(self.app)
         store.heartbeat(self.worker_id, self.hostname, os.getpid())
         released = resend(self.app, store.release_dead_claims(self.settings.worker_timeout))
-        stale = resend(self.app, store.stale_dispatches(self.settings.stall_timeout))
+        stale = resend(self.app, store.stale_dispatches(self.settings.stall_timeout), copies=True)
         woken = 0
         runs = store.runs_to_wake(self.settings.stall_timeout)
         if runs:

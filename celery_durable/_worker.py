@@ -23,7 +23,7 @@ from celery.worker import state as worker_state
 
 from ._codec import encode_error
 from ._config import settings_for, store_for
-from ._messages import HEADER_RUN, HEADER_SEQ, publish_wake
+from ._messages import HEADER_DISPATCH, HEADER_RUN, HEADER_SEQ, publish_wake
 from ._sweeper import Sweeper, resend
 
 __all__ = ["DurableWorkerStep", "connect"]
@@ -46,10 +46,16 @@ def worker_id() -> str:
     return _identity["id"]
 
 
+def _header(source: Any, key: str) -> Any:
+    # Headers arrive as a dict (a worker Request) or as attributes (a task's Context).
+    if isinstance(source, dict):
+        return source.get(key)
+    return getattr(source, key, None)
+
+
 def _durable_headers(source: Any) -> tuple[str, int] | None:
-    get = source.get if hasattr(source, "get") else lambda k, d=None: getattr(source, k, d)
-    run_id = get(HEADER_RUN)
-    seq = get(HEADER_SEQ)
+    run_id = _header(source, HEADER_RUN)
+    seq = _header(source, HEADER_SEQ)
     if run_id is None or seq is None:
         return None
     return str(run_id), int(seq)
@@ -69,7 +75,8 @@ def _on_task_received(sender: Any = None, request: Any = None, **_: Any) -> None
     app = request.task.app
     retries = int(request.request_dict.get("retries") or 0)
     try:
-        claimed = store_for(app).claim_step(run_id, seq, request.id, worker_id(), retries)
+        dispatch_id = str(request.request_dict.get(HEADER_DISPATCH) or request.id)
+        claimed = store_for(app).claim_step(run_id, seq, dispatch_id, worker_id(), retries)
     except Exception:
         # Without the store we cannot know; running a duplicate beats losing the step.
         logger.exception("could not claim step %s of run %s; running it anyway", seq, run_id)
@@ -85,8 +92,10 @@ def _on_task_received(sender: Any = None, request: Any = None, **_: Any) -> None
         worker_state.revoked.add(request.id)
 
 
-def _record(task: Any, error: BaseException | None = None, value: Any = None) -> None:
-    request = task.request
+def _record(
+    task: Any, error: BaseException | None = None, value: Any = None, request: Any = None
+) -> None:
+    request = task.request if request is None else request
     headers = _durable_headers(request)
     if headers is None:
         return
@@ -103,9 +112,8 @@ def _record(task: Any, error: BaseException | None = None, value: Any = None) ->
         else:
             recorded, wake = store.record_outcome(run_id, seq, result=payload)
     if wake:
-        workflow = request.get(HEADER_WORKFLOW) if hasattr(request, "get") else None
-        workflow = workflow or getattr(request, HEADER_WORKFLOW, None)
-        driver = getattr(request, HEADER_DRIVER, None) or {}
+        workflow = _header(request, HEADER_WORKFLOW)
+        driver = _header(request, HEADER_DRIVER) or {}
         if workflow is None:
             run = store.require_run(run_id)
             workflow, driver = run.workflow, run.options
@@ -141,7 +149,13 @@ def _on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
         return
     from celery.exceptions import TaskRevokedError
 
-    _record(sender, error=TaskRevokedError(f"task {task_id} was revoked"))
+    # Revocation is reported by the worker's main process, outside the task's context:
+    # the step's headers come from the revoked request itself.
+    _record(
+        sender,
+        error=TaskRevokedError(f"task {task_id} was revoked"),
+        request=getattr(request, "request_dict", request),
+    )
 
 
 class DurableWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]

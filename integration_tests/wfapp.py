@@ -1,0 +1,203 @@
+"""The Celery app the integration tests run in real ``celery worker`` processes.
+
+Configured from environment variables (set by the tests' worker fixture):
+
+| variable | meaning |
+|---|---|
+| ``DURABLE_IT_BROKER`` | broker URL |
+| ``DURABLE_IT_STORE`` | ``durable_database_url`` |
+| ``DURABLE_IT_QUEUE`` | the queue every message of the test goes to |
+| ``DURABLE_IT_DIR`` | directory of the side-effect log and the pause/marker files |
+
+Durability tests need two things from the code that runs in the worker:
+
+* **Side effects they can count.** Every execution of :func:`record` appends one line to
+  ``effects.log`` (opened ``O_APPEND``, so concurrent writers never interleave a line).
+* **Places where a worker can be killed at a known moment.** :func:`pause_once` blocks the
+  first time a named point of a run is reached, after leaving a marker file the test waits
+  for; every later time (a replay, a re-run after the kill) it passes straight through.
+  Activities pause with ``hold=True``, workflow code between two awaits with
+  ``pause_at=...``, and a driver between its commit and its publish when the file
+  ``pause-publish`` names a step number (see :func:`_pausing_publish_step`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, shared_task
+
+import celery_durable._driver as _driver
+from celery_durable import durable_workflow, workflow
+
+#: How long a pause lasts at most, so that a test whose kill went wrong ends anyway.
+PAUSE_LIMIT = 150.0
+
+EFFECTS_FILE = "effects.log"
+PAUSE_PUBLISH_FILE = "pause-publish"
+
+
+def configure(app: Celery, env: Mapping[str, str]) -> Celery:
+    """Point ``app`` at the broker, store and queue named in ``env``."""
+    queue = env.get("DURABLE_IT_QUEUE", "celery")
+    app.conf.update(
+        broker_url=env.get("DURABLE_IT_BROKER", "memory://"),
+        durable_database_url=env.get("DURABLE_IT_STORE"),
+        task_default_queue=queue,
+        # Small enough that recovery happens within seconds. The worker timeout stays
+        # long: a restarted worker (same node name) retires its killed predecessor at
+        # once, and a live worker must never be mistaken for a dead one, or a step would
+        # run twice without any kill and the exact side-effect counts would not hold.
+        durable_sweep_interval=0.5,
+        durable_stall_timeout=2.0,
+        durable_worker_timeout=120.0,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=True,
+        worker_redirect_stdouts=False,
+        task_acks_late=False,
+    )
+    return app
+
+
+app = configure(Celery("wfapp"), os.environ)
+
+
+def _dir() -> Path:
+    return Path(os.environ["DURABLE_IT_DIR"])
+
+
+def marker_path(directory: Path, run_id: str, point: str) -> Path:
+    """The file :func:`pause_once` leaves when ``point`` of ``run_id`` is first reached."""
+    return directory / f"paused-{run_id}-{point}"
+
+
+def pause_once(run_id: str, point: str) -> None:
+    """Block the first time ``point`` of ``run_id`` is reached (until killed); then pass.
+
+    The marker holds the pid of the blocked process, so a test can kill just that one.
+    """
+    marker = marker_path(_dir(), run_id, point)
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    deadline = time.monotonic() + PAUSE_LIMIT
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _append_effect(line: str) -> None:
+    fd = os.open(_dir() / EFFECTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+# -- activities ---------------------------------------------------------------------------
+
+
+class PaymentDeclinedError(Exception):
+    """Raised by :func:`decline`: an activity failure whose type must reach the caller."""
+
+
+def step_value(i: int) -> int:
+    """What ``record(i)`` returns (with no carry)."""
+    return 3 * i + 1
+
+
+@shared_task(bind=True)
+def record(self: Any, i: int, carry: int = 0, hold: bool = False) -> int:
+    """Log one side effect for step ``i`` of the current run and return ``carry + 3i + 1``."""
+    run_id = self.request.get("durable_run") or "no-run"
+    _append_effect(f"{run_id}\t{i}\t{os.getpid()}\n")
+    if hold:
+        pause_once(run_id, f"record-{i}")
+    return carry + step_value(i)
+
+
+@shared_task
+def decline(order_id: str) -> None:
+    """Always fails with :class:`PaymentDeclinedError`."""
+    raise PaymentDeclinedError(f"card declined for {order_id}")
+
+
+# -- workflows ----------------------------------------------------------------------------
+
+
+@durable_workflow
+async def sequential(n: int, hold_at: int = -1, pause_at: int = -1) -> int:
+    """``n`` activities one after another, each adding to the previous result.
+
+    ``hold_at``: the activity of that index blocks (once). ``pause_at``: the workflow
+    code blocks (once) right after the result of that index arrived, mid-turn.
+    """
+    total = 0
+    for i in range(n):
+        total = await record.s(i, total, hold=(i == hold_at))
+        if i == pause_at:
+            pause_once(workflow.info().workflow_id, f"turn-after-{i}")
+    return total
+
+
+@durable_workflow
+async def fan_out(n: int, hold: list[int] | None = None, pause_after_gather: bool = False) -> int:
+    """``n`` activities at once (``asyncio.gather``), then one more with their sum.
+
+    ``hold``: indexes whose activity blocks (once). ``pause_after_gather``: the workflow
+    code blocks (once) between the gather and the final await, mid-turn.
+    """
+    held = set(hold or ())
+    values = await asyncio.gather(*(record.s(i, hold=(i in held)) for i in range(n)))
+    if pause_after_gather:
+        pause_once(workflow.info().workflow_id, "turn-after-gather")
+    return await record.s(n, sum(values))
+
+
+@durable_workflow
+async def awaits_plain_object(order_id: str) -> None:
+    """Awaits a real step, then something that is not a signature (a plain dict)."""
+    await record.s(0)
+    not_a_signature: Any = {"task": "record", "args": [1]}
+    await not_a_signature
+
+
+@durable_workflow
+async def declined_checkout(order_id: str) -> str:
+    """One good step, then an activity that raises."""
+    await record.s(0)
+    await decline.s(order_id)
+    return "unreachable"
+
+
+# -- pausing a driver between its commit and its publish ----------------------------------
+
+_publish_step = getattr(_driver, "publish_step", None)
+
+
+def _pausing_publish_step(app: Celery, name: str, args: Any, *rest: Any, **kw: Any) -> None:
+    """The driver's ``publish_step``, pausing (once per run) before publishing the step
+    whose number is in the file ``pause-publish``: that turn has committed, and the
+    messages of that step and every later one are not sent yet."""
+    flag = _dir() / PAUSE_PUBLISH_FILE
+    if flag.exists():
+        headers = kw.get("headers") if "headers" in kw else rest[3]
+        if str(headers.get("durable_seq")) == flag.read_text().strip():
+            pause_once(str(headers["durable_run"]), "publish")
+    assert _publish_step is not None
+    _publish_step(app, name, args, *rest, **kw)
+
+
+if not callable(_publish_step):  # pragma: no cover - guards a refactor of the driver
+    raise RuntimeError(
+        "celery_durable._driver no longer publishes through publish_step; update "
+        "integration_tests/wfapp.py so the commit-then-publish kill test still pauses there"
+    )
+_driver.publish_step = _pausing_publish_step  # type: ignore[assignment]

@@ -1,0 +1,137 @@
+"""Every example runs, and the README's code blocks are the code that runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def _service(port: int, name: str) -> None:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        message = f"{name} is not reachable on 127.0.0.1:{port}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def _run(args: list[str], cwd: Path, timeout: float = 120, **env: str) -> str:
+    done = subprocess.run(
+        args, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def test_quickstart_runs_end_to_end_and_a_second_run_reuses_the_result(tmp_path: Path) -> None:
+    script = str(ROOT / "examples" / "quickstart.py")
+    env = {"QUICKSTART_STEP_SECONDS": "0.05"}
+    first = _run([sys.executable, script], tmp_path, **env)
+    assert "charging o-1" in first
+    assert "result: {'receipt': 'receipt-o-1', 'held': [True, True, True]}" in first
+    second = _run([sys.executable, script], tmp_path, **env)
+    assert "workflow order-o-1: SUCCESS" in second
+    assert "charging" not in second  # nothing ran again
+    assert "result: {'receipt': 'receipt-o-1', 'held': [True, True, True]}" in second
+
+
+def test_quickstart_interrupted_resumes_the_same_workflow(tmp_path: Path) -> None:
+    script = str(ROOT / "examples" / "quickstart.py")
+    env = _env(QUICKSTART_STEP_SECONDS="1")
+    proc = subprocess.Popen(
+        [sys.executable, script, "order-int"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "reserving" in line:  # the charge step finished and was recorded
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    out = _run([sys.executable, script, "order-int"], tmp_path, QUICKSTART_STEP_SECONDS="0.05")
+    assert "workflow order-int: RUNNING" in out
+    assert "charging" not in out  # the recorded step is not run again
+    assert "result: {'receipt': 'receipt-o-1', 'held': [True, True, True]}" in out
+
+
+@pytest.mark.integration
+def test_shop_example_on_redis_and_postgresql(tmp_path: Path) -> None:
+    _service(6379, "Redis")
+    _service(5432, "PostgreSQL")
+    env = {"SHOP_BROKER": "redis://127.0.0.1:6379/14"}
+    command = [sys.executable, "-m", "celery", "-A", "examples.shop", "worker"]
+    command += ["-P", "threads", "-c", "4", "-l", "WARNING", "-n", f"shop-{os.getpid()}@%h"]
+    with (tmp_path / "worker.log").open("w") as log:
+        worker = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=_env(**env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            out = _run([sys.executable, "-m", "examples.shop"], ROOT, timeout=90, **env)
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+    assert "{'receipt': 'receipt-o-1-1999', 'held': [True, True]}" in out
+    assert out.strip().endswith("SUCCESS")
+    shown = _run(
+        [sys.executable, "-m", "celery", "-A", "examples.shop", "durable", "show", "order-o-1"],
+        ROOT,
+        **env,
+    )
+    assert "status:   SUCCESS" in shown
+    assert "examples.shop.charge" in shown
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_has_python_blocks() -> None:
+    assert len(_python_blocks()) >= 4
+
+
+@pytest.mark.parametrize("index", range(len(_python_blocks())))
+def test_readme_python_block_runs(index: int, tmp_path: Path) -> None:
+    block = _python_blocks()[index]
+    first, _, rest = block.partition("\n")
+    if re.fullmatch(r"# examples/\w+\.py", first.strip()):
+        # The block is an example file, verbatim; the example's own test runs it.
+        assert (ROOT / first.strip()[2:]).read_text() == rest
+        return
+    (tmp_path / "block.py").write_text(block)
+    _run([sys.executable, "block.py"], tmp_path, timeout=60)
+
+
+def test_readme_commands_are_the_ones_ci_runs() -> None:
+    text = README.read_text()
+    assert "uv run examples/quickstart.py" in text
+    assert "uv run pytest" in text
+    assert "uv run pytest" in (ROOT / ".ci" / "run").read_text()

@@ -1,0 +1,654 @@
+"""The store on its own (no Celery), on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from celery_durable import _schema, _store
+from celery_durable._commands import ACTIVITY
+from celery_durable._store import (
+    CLAIMED,
+    DELIVERED,
+    DONE,
+    FAILURE,
+    PENDING,
+    RUNNING,
+    SCHEDULED,
+    STUCK,
+    SUCCESS,
+    NewRun,
+    NewStep,
+    Store,
+)
+from celery_durable.errors import DurableError, StoreUnavailableError, WorkflowNotFoundError
+
+JSON = "application/json"
+T0 = 1_700_000_000.0
+
+
+class Clock:
+    """The store's idea of "now", moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(_store, "_now", lambda: clock.now)
+    return clock
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/durable.sqlite3"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def open_store(url: str) -> Iterator[Callable[[], Store]]:
+    """Opens stores on the test's database, as separate processes would; closes them after."""
+    opened: list[Store] = []
+
+    def open_() -> Store:
+        opened.append(Store(url))
+        return opened[-1]
+
+    yield open_
+    for store in opened:
+        store.dispose()
+
+
+@pytest.fixture
+def store(open_store: Callable[[], Store], clock: Clock) -> Store:
+    return open_store()
+
+
+def create(store: Store, run_id: str = "run-1", workflow: str = "shop.checkout") -> None:
+    assert store.create_run(NewRun(run_id, workflow, JSON, b'[["o-1"], {}]', {"queue": "wf"}))
+
+
+def new_steps(*names: str, first: int = 1) -> list[NewStep]:
+    return [
+        NewStep(seq, ACTIVITY, name, JSON, b"[[], {}, {}]", f"dispatch-{seq}")
+        for seq, name in enumerate(names, start=first)
+    ]
+
+
+def start(store: Store, *names: str, run_id: str = "run-1") -> None:
+    """Create a run and commit its first turn, which schedules ``names``."""
+    create(store, run_id)
+    begun = store.begin_turn(run_id)
+    assert begun is not None and begun.run.turn == 0
+    assert store.commit_turn(run_id, 0, [], new_steps(*names), _store._now())
+
+
+def states(store: Store, run_id: str = "run-1") -> dict[int, str]:
+    return {step.seq: step.state for step in store.history(run_id)}
+
+
+def ok(value: str = "1") -> tuple[str, bytes]:
+    return (JSON, value.encode())
+
+
+# -- runs ---------------------------------------------------------------------------------
+
+
+def test_create_run_is_idempotent_per_id(store: Store) -> None:
+    assert store.create_run(NewRun("run-1", "shop.checkout", JSON, b"[[1], {}]"))
+    assert not store.create_run(NewRun("run-1", "shop.other", JSON, b"[[2], {}]"))
+
+    run = store.require_run("run-1")
+    assert (run.workflow, run.input, run.status, run.turn) == ("shop.checkout", b"[[1], {}]", PENDING, 0)
+    assert run.created_at == T0
+    assert run.started_at is None
+    assert [r.id for r in store.list_runs()] == ["run-1"]
+
+
+def test_concurrent_creates_of_one_id_create_one_run(open_store: Callable[[], Store]) -> None:
+    stores = [open_store() for _ in range(4)]
+    for s in stores:
+        s.ensure_schema()
+    barrier = threading.Barrier(len(stores))
+    created: list[bool] = []
+
+    def create_one(s: Store) -> None:
+        barrier.wait()
+        created.append(s.create_run(NewRun("same-id", "shop.checkout", JSON, b"[]")))
+
+    threads = [threading.Thread(target=create_one, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(created) == [False, False, False, True]
+
+
+def test_reading_runs(store: Store, clock: Clock) -> None:
+    create(store, "run-a", "shop.checkout")
+    clock.advance(1)
+    create(store, "run-b", "shop.refund")
+
+    assert store.get_run("nope") is None
+    assert store.get_status("nope") is None
+    assert store.get_status("run-a") == PENDING
+    assert store.require_run("run-a").options == {"queue": "wf"}
+    assert [r.id for r in store.list_runs()] == ["run-b", "run-a"]
+    assert [r.id for r in store.list_runs(workflow="shop.checkout")] == ["run-a"]
+    assert [r.id for r in store.list_runs(status=SUCCESS)] == []
+    assert [r.id for r in store.list_runs(limit=1)] == ["run-b"]
+    with pytest.raises(WorkflowNotFoundError, match="'nope'"):
+        store.require_run("nope")
+
+
+# -- driver turns -------------------------------------------------------------------------
+
+
+def test_a_turn_delivers_outcomes_schedules_steps_and_finishes(store: Store, clock: Clock) -> None:
+    start(store, "charge", "reserve")
+    run = store.require_run("run-1")
+    assert (run.status, run.turn, run.started_at) == (RUNNING, 1, T0)
+    history = store.history("run-1")
+    assert [(h.seq, h.name, h.state, h.created_turn, h.dispatch_id) for h in history] == [
+        (1, "charge", SCHEDULED, 1, "dispatch-1"),
+        (2, "reserve", SCHEDULED, 1, "dispatch-2"),
+    ]
+
+    assert store.record_outcome("run-1", 1, result=ok('"r-1"')) == (True, True)
+    assert store.record_outcome("run-1", 2, error={"type": "KeyError"}) == (True, False)
+    begun = store.begin_turn("run-1")
+    assert begun is not None
+    assert [(s.seq, s.outcome) for s in begun.new_outcomes] == [(1, "ok"), (2, "error")]
+    assert begun.new_outcomes[0].result == b'"r-1"'
+    assert begun.new_outcomes[1].error == {"type": "KeyError"}
+
+    at = clock.advance(5)
+    assert store.commit_turn("run-1", 1, [1, 2], [], at, SUCCESS, result=ok('"done"'))
+
+    run = store.require_run("run-1")
+    assert (run.status, run.turn, run.result, run.finished_at) == (SUCCESS, 2, b'"done"', at)
+    assert [(h.state, h.observed_turn, h.observed_at) for h in store.history("run-1")] == [
+        (DELIVERED, 2, at),
+        (DELIVERED, 2, at),
+    ]
+    begun = store.begin_turn("run-1")
+    assert begun is not None and begun.new_outcomes == []
+
+
+def test_a_failed_turn_keeps_the_error_and_the_history(store: Store) -> None:
+    start(store, "charge")
+    error = {"type": "ValueError", "module": "builtins", "message": "no", "args": ["no"]}
+    assert store.commit_turn("run-1", 1, [], [], T0, FAILURE, error=error)
+    run = store.require_run("run-1")
+    assert (run.status, run.error, run.finished_at) == (FAILURE, error, T0)
+    assert [h.name for h in store.history("run-1")] == ["charge"]
+
+
+def test_begin_turn_of_a_missing_run_is_none(store: Store) -> None:
+    assert store.begin_turn("nope") is None
+
+
+def test_commit_turn_is_fenced_on_the_turn(store: Store) -> None:
+    start(store, "charge")
+    store.record_outcome("run-1", 1, result=ok())
+
+    assert store.commit_turn("run-1", 1, [1], new_steps("ship", first=2), T0)
+    # A second driver that read the run at turn 1 too: fenced out, writes nothing.
+    assert not store.commit_turn("run-1", 1, [1], new_steps("refund", first=2), T0, SUCCESS)
+
+    run = store.require_run("run-1")
+    assert (run.status, run.turn) == (RUNNING, 2)
+    assert [(h.seq, h.name) for h in store.history("run-1")] == [(1, "charge"), (2, "ship")]
+
+
+def test_two_racing_commits_at_one_turn_exactly_one_wins(
+    open_store: Callable[[], Store], clock: Clock
+) -> None:
+    first, second = open_store(), open_store()
+    start(first, "charge")
+    first.record_outcome("run-1", 1, result=ok())
+    barrier = threading.Barrier(2)
+    won: dict[str, bool] = {}
+
+    def commit(name: str, s: Store) -> None:
+        barrier.wait()
+        won[name] = s.commit_turn("run-1", 1, [1], new_steps(name, first=2), T0)
+
+    threads = [
+        threading.Thread(target=commit, args=(name, s))
+        for name, s in (("ship", first), ("refund", second))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert sorted(won.values()) == [False, True]
+    winner = next(name for name, w in won.items() if w)
+    assert [h.name for h in first.history("run-1")] == ["charge", winner]
+    assert first.require_run("run-1").turn == 2
+
+
+def test_commit_turn_refuses_a_run_that_is_no_longer_active(store: Store) -> None:
+    start(store, "charge")
+    assert store.park("run-1", 1, STUCK, {"type": "NonDeterminismError"})
+    assert not store.commit_turn("run-1", 1, [], new_steps("x", first=2), T0)
+    assert not store.park("run-1", 1, STUCK, {"type": "again"})
+    assert [h.seq for h in store.history("run-1")] == [1]
+
+
+def test_park_is_fenced_on_the_turn(store: Store) -> None:
+    start(store, "charge")
+    assert not store.park("run-1", 0, STUCK, {"type": "NonDeterminismError"})
+    assert store.require_run("run-1").status == RUNNING
+
+
+# -- claims -------------------------------------------------------------------------------
+
+
+def test_claim_step_once_per_dispatch(store: Store) -> None:
+    start(store, "charge")
+    assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
+    # The same message delivered again (broker redelivery, or a second copy).
+    assert not store.claim_step("run-1", 1, "dispatch-1", "worker-b", 0)
+    step = store.history("run-1")[0]
+    assert (step.state, step.claimed_by, step.attempts) == (CLAIMED, "worker-a", 1)
+
+
+def test_a_celery_retry_of_the_message_may_claim_again(store: Store) -> None:
+    start(store, "charge")
+    assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
+    assert store.claim_step("run-1", 1, "dispatch-1", "worker-b", 1)
+    assert not store.claim_step("run-1", 1, "dispatch-1", "worker-c", 1)
+    assert store.claim_step("run-1", 1, "dispatch-1", "worker-c", 2)
+    step = store.history("run-1")[0]
+    assert (step.claimed_by, step.attempts) == ("worker-c", 3)
+
+
+def test_claim_with_the_wrong_dispatch_id_is_dropped(store: Store) -> None:
+    start(store, "charge")
+    assert not store.claim_step("run-1", 1, "some-old-dispatch", "worker-a", 0)
+    assert not store.claim_step("run-1", 2, "dispatch-2", "worker-a", 0)  # no such step
+    assert not store.claim_step("run-2", 1, "dispatch-1", "worker-a", 0)  # no such run
+    assert states(store) == {1: SCHEDULED}
+
+
+def test_a_step_with_an_outcome_cannot_be_claimed_again(store: Store) -> None:
+    start(store, "charge")
+    assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
+    store.record_outcome("run-1", 1, result=ok())
+    assert not store.claim_step("run-1", 1, "dispatch-1", "worker-a", 5)
+    assert states(store) == {1: DONE}
+
+
+# -- outcomes and wakes -------------------------------------------------------------------
+
+
+def test_record_outcome_is_idempotent(store: Store) -> None:
+    start(store, "charge")
+    assert store.record_outcome("run-1", 1, result=ok('"first"')) == (True, True)
+    assert store.record_outcome("run-1", 1, result=ok('"second"')) == (False, False)
+    assert store.record_outcome("run-1", 1, error={"type": "Late"}) == (False, False)
+    step = store.history("run-1")[0]
+    assert (step.state, step.outcome, step.result, step.error) == (DONE, "ok", b'"first"', None)
+    assert step.completed_at == T0
+
+
+def test_record_outcome_of_an_unknown_step_records_nothing(store: Store) -> None:
+    start(store, "charge")
+    assert store.record_outcome("run-1", 7, result=ok()) == (False, False)
+    assert store.record_outcome("nope", 1, result=ok()) == (False, False)
+
+
+def test_only_the_first_outcome_while_no_wake_is_pending_asks_for_a_wake(store: Store) -> None:
+    start(store, "a", "b", "c", "d")
+    # create_run left a wake pending; the first turn took it.
+    assert store.record_outcome("run-1", 1, result=ok()) == (True, True)
+    assert store.record_outcome("run-1", 2, result=ok()) == (True, False)
+    assert store.record_outcome("run-1", 3, result=ok()) == (True, False)
+
+    begun = store.begin_turn("run-1")  # the driver takes the wake
+    assert begun is not None
+    assert [s.seq for s in begun.new_outcomes] == [1, 2, 3]
+    assert store.record_outcome("run-1", 4, result=ok()) == (True, True)
+
+
+def test_a_pending_wake_from_create_run_coalesces_early_outcomes(store: Store) -> None:
+    create(store)
+    # Nothing has taken the wake that starting the run asked for.
+    assert store.commit_turn("run-1", 0, [], new_steps("a"), T0)
+    assert store.record_outcome("run-1", 1, result=ok()) == (True, False)
+
+
+def test_outcomes_of_an_inactive_run_are_recorded_without_a_wake(store: Store) -> None:
+    start(store, "a", "b")
+    store.begin_turn("run-1")
+    assert store.park("run-1", 1, STUCK, {"type": "NonDeterminismError"})
+    assert store.record_outcome("run-1", 1, result=ok()) == (True, False)
+    assert states(store) == {1: DONE, 2: SCHEDULED}
+
+
+# -- dead workers -------------------------------------------------------------------------
+
+
+def test_release_dead_claims_gives_steps_of_silent_workers_a_new_dispatch(
+    store: Store, clock: Clock
+) -> None:
+    start(store, "charge", "reserve")
+    store.heartbeat("worker-a", "host-a", 100)
+    store.heartbeat("worker-b", "host-b", 200)
+    assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
+    assert store.claim_step("run-1", 2, "dispatch-2", "worker-b", 0)
+
+    clock.advance(20)
+    store.heartbeat("worker-b", "host-b", 200)  # b is alive, a went silent
+    assert store.release_dead_claims(dead_after=30) == []
+    clock.advance(15)
+    store.heartbeat("worker-b", "host-b", 200)
+
+    [released] = store.release_dead_claims(dead_after=30)
+
+    assert (released.run_id, released.seq, released.name) == ("run-1", 1, "charge")
+    assert released.dispatch_id != "dispatch-1"
+    assert (released.workflow, released.driver_options) == ("shop.checkout", {"queue": "wf"})
+    assert states(store) == {1: SCHEDULED, 2: CLAIMED}
+    # The dead worker's message, if it ever comes back, may not run; the new one may.
+    assert not store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
+    assert store.claim_step("run-1", 1, released.dispatch_id, "worker-b", 0)
+    assert store.release_dead_claims(dead_after=30) == []
+
+
+def test_claims_of_a_cleanly_stopped_worker_are_released_at_once(store: Store) -> None:
+    start(store, "charge")
+    store.heartbeat("worker-a", "host-a", 100)
+    assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
+    store.worker_stopped("worker-a")
+    [released] = store.release_dead_claims(dead_after=3600)
+    assert released.seq == 1
+    assert states(store) == {1: SCHEDULED}
+
+
+def test_a_restarted_node_name_marks_its_old_instance_dead(store: Store) -> None:
+    start(store, "charge")
+    store.heartbeat("celery@host:1:aaaa", "celery@host", 1)
+    assert store.claim_step("run-1", 1, "dispatch-1", "celery@host:1:aaaa", 0)
+    store.heartbeat("celery@host:2:bbbb", "celery@host", 2)  # same node name, new process
+    assert [d.seq for d in store.release_dead_claims(dead_after=3600)] == [1]
+
+
+def test_release_step_only_moves_claimed_steps(store: Store) -> None:
+    start(store, "charge")
+    assert store.release_step("run-1", 1) is None  # still SCHEDULED
+    assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
+    released = store.release_step("run-1", 1)
+    assert released is not None and released.dispatch_id != "dispatch-1"
+    assert store.release_step("run-1", 1) is None
+
+
+def test_forget_workers_keeps_those_holding_claims(store: Store, clock: Clock) -> None:
+    start(store, "charge")
+    store.heartbeat("worker-a", "host-a", 1)
+    store.heartbeat("worker-b", "host-b", 2)
+    assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
+    clock.advance(1000)
+    store.forget_workers(older_than=100)
+    with store.engine.connect() as conn:
+        left = conn.execute(select(_schema.workers.c.id)).scalars().all()
+    assert left == ["worker-a"]
+
+
+# -- lost messages ------------------------------------------------------------------------
+
+
+def test_stale_dispatches_back_off_and_are_taken_by_one_sweeper(
+    store: Store, clock: Clock
+) -> None:
+    start(store, "charge")  # dispatched at T0
+
+    clock.advance(10)
+    assert store.stale_dispatches(older_than=10) == []  # not older yet
+    clock.advance(1)
+    [taken] = store.stale_dispatches(older_than=10)
+    assert (taken.seq, taken.dispatch_id, taken.name) == (1, "dispatch-1", "charge")
+    assert store.stale_dispatches(older_than=10) == []  # another sweeper, same moment
+
+    # The next re-send waits twice as long (20 s), then four times (40 s).
+    clock.advance(15)
+    assert store.stale_dispatches(older_than=10) == []
+    clock.advance(6)
+    assert [d.seq for d in store.stale_dispatches(older_than=10)] == [1]
+    clock.advance(39)
+    assert store.stale_dispatches(older_than=10) == []
+    clock.advance(2)
+    assert [d.seq for d in store.stale_dispatches(older_than=10)] == [1]
+    # Re-sends keep the dispatch id: whichever copy arrives first runs.
+    assert store.history("run-1")[0].dispatch_id == "dispatch-1"
+
+
+def test_claimed_and_finished_steps_are_never_stale(store: Store, clock: Clock) -> None:
+    start(store, "a", "b", "c")
+    assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
+    store.record_outcome("run-1", 2, result=ok())
+    clock.advance(100)
+    assert [d.seq for d in store.stale_dispatches(older_than=10)] == [3]
+
+
+def test_stale_dispatches_race_has_one_taker(
+    open_store: Callable[[], Store], clock: Clock
+) -> None:
+    stores = [open_store() for _ in range(4)]
+    for i, s in enumerate(stores):
+        start(s, "a", "b", run_id=f"run-{i}")
+    clock.advance(100)
+    barrier = threading.Barrier(len(stores))
+    taken: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def sweep(s: Store) -> None:
+        barrier.wait()
+        found = s.stale_dispatches(older_than=10)
+        with lock:
+            taken.extend((d.run_id, d.seq) for d in found)
+
+    threads = [threading.Thread(target=sweep, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(taken) == [(f"run-{i}", seq) for i in range(4) for seq in (1, 2)]
+
+
+def test_runs_to_wake_finds_runs_never_driven(store: Store, clock: Clock) -> None:
+    create(store)
+    assert store.runs_to_wake(older_than=10) == []
+    clock.advance(11)
+    [run] = store.runs_to_wake(older_than=10)
+    assert run.id == "run-1"
+    assert store.runs_to_wake(older_than=10) == []  # taken; wait another period
+    clock.advance(11)
+    assert [r.id for r in store.runs_to_wake(older_than=10)] == ["run-1"]
+
+
+def test_runs_to_wake_finds_undelivered_outcomes_only(store: Store, clock: Clock) -> None:
+    start(store, "a", run_id="waiting")  # a step out, no outcome: nothing to do
+    start(store, "a", run_id="has-outcome")
+    start(store, "a", run_id="finished")
+    store.record_outcome("has-outcome", 1, result=ok())
+    store.record_outcome("finished", 1, result=ok())
+    store.begin_turn("finished")
+    assert store.commit_turn("finished", 1, [1], [], T0, SUCCESS, result=ok())
+
+    clock.advance(11)
+    assert [r.id for r in store.runs_to_wake(older_than=10)] == ["has-outcome"]
+    assert store.runs_to_wake(older_than=10) == []
+
+
+def test_runs_to_wake_leaves_recent_outcomes_to_their_own_wake(store: Store, clock: Clock) -> None:
+    start(store, "a")
+    clock.advance(100)
+    store.record_outcome("run-1", 1, result=ok())
+    clock.advance(5)
+    assert store.runs_to_wake(older_than=10) == []
+
+
+def test_runs_to_wake_race_has_one_taker(open_store: Callable[[], Store], clock: Clock) -> None:
+    stores = [open_store() for _ in range(4)]
+    for i, s in enumerate(stores):
+        create(s, f"run-{i}")
+    clock.advance(100)
+    barrier = threading.Barrier(len(stores))
+    taken: list[str] = []
+    lock = threading.Lock()
+
+    def sweep(s: Store) -> None:
+        barrier.wait()
+        found = s.runs_to_wake(older_than=10)
+        with lock:
+            taken.extend(r.id for r in found)
+
+    threads = [threading.Thread(target=sweep, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(taken) == [f"run-{i}" for i in range(4)]
+
+
+# -- retrying stuck and failed runs -------------------------------------------------------
+
+
+def test_resume_a_stuck_run(store: Store) -> None:
+    start(store, "charge")
+    store.record_outcome("run-1", 1, result=ok())
+    store.begin_turn("run-1")
+    assert store.park("run-1", 1, STUCK, {"type": "NonDeterminismError"})
+    assert [r.id for r in store.stuck_runs()] == ["run-1"]
+
+    assert store.resume("run-1") == STUCK
+
+    run = store.require_run("run-1")
+    assert (run.status, run.turn, run.error) == (RUNNING, 1, None)
+    assert store.stuck_runs() == []
+    # The outcome the stuck turn could not deliver is still there for the next turn.
+    begun = store.begin_turn("run-1")
+    assert begun is not None and [s.seq for s in begun.new_outcomes] == [1]
+
+
+def test_resume_a_failed_run_rewinds_the_turn_that_failed(store: Store, clock: Clock) -> None:
+    start(store, "a", "b")
+    assert store.claim_step("run-1", 2, "dispatch-2", "worker-a", 0)
+    store.record_outcome("run-1", 1, result=ok('"a"'))
+    store.record_outcome("run-1", 2, error={"type": "ValueError", "message": "b broke"})
+    store.begin_turn("run-1")
+    error = {"type": "ValueError", "message": "b broke"}
+    assert store.commit_turn("run-1", 1, [1, 2], [], clock.advance(1), FAILURE, error=error)
+
+    clock.advance(1)
+    assert store.resume("run-1") == FAILURE
+
+    run = store.require_run("run-1")
+    assert (run.status, run.turn, run.error, run.finished_at) == (RUNNING, 1, None, None)
+    a, b = store.history("run-1")
+    assert (a.state, a.outcome, a.result, a.observed_turn) == (DONE, "ok", b'"a"', None)
+    assert (b.state, b.outcome, b.error, b.claimed_by) == (SCHEDULED, None, None, None)
+    assert b.dispatch_id != "dispatch-2"
+    assert [(d.seq, d.dispatch_id) for d in store.dispatches_to_resend("run-1")] == [
+        (2, b.dispatch_id)
+    ]
+    # The new dispatch runs; the old message may not.
+    assert not store.claim_step("run-1", 2, "dispatch-2", "worker-a", 0)
+    assert store.claim_step("run-1", 2, b.dispatch_id, "worker-a", 0)
+
+
+def test_resume_a_run_that_failed_in_its_first_turn(store: Store) -> None:
+    create(store)
+    store.begin_turn("run-1")
+    assert store.commit_turn("run-1", 0, [], [], T0, FAILURE, error={"type": "TypeError"})
+    assert store.resume("run-1") == FAILURE
+    run = store.require_run("run-1")
+    assert (run.status, run.turn) == (PENDING, 0)
+
+
+def test_resume_refuses_a_failed_turn_that_scheduled_steps(store: Store) -> None:
+    create(store)
+    store.begin_turn("run-1")
+    assert store.commit_turn("run-1", 0, [], new_steps("a"), T0, FAILURE, error={"type": "E"})
+    with pytest.raises(DurableError, match="cannot be rewound"):
+        store.resume("run-1")
+    assert store.require_run("run-1").status == FAILURE
+
+
+@pytest.mark.parametrize("status", [RUNNING, SUCCESS])
+def test_resume_refuses_runs_that_are_not_stuck_or_failed(store: Store, status: str) -> None:
+    start(store, "a")
+    if status == SUCCESS:
+        store.record_outcome("run-1", 1, result=ok())
+        assert store.commit_turn("run-1", 1, [1], [], T0, SUCCESS, result=ok())
+    with pytest.raises(DurableError, match=f"run-1.*is {status}"):
+        store.resume("run-1")
+
+
+def test_resume_of_a_missing_run(store: Store) -> None:
+    with pytest.raises(WorkflowNotFoundError):
+        store.resume("nope")
+
+
+# -- schema and connections ---------------------------------------------------------------
+
+
+def test_schema_is_created_with_its_version(store: Store) -> None:
+    store.ensure_schema()
+    with store.engine.connect() as conn:
+        version = conn.execute(
+            select(_schema.meta.c.value).where(_schema.meta.c.key == "schema_version")
+        ).scalar_one()
+    assert version == str(_schema.SCHEMA_VERSION)
+
+
+def test_a_second_store_on_the_same_database_reuses_the_schema(
+    open_store: Callable[[], Store],
+) -> None:
+    first = open_store()
+    create(first)
+    second = open_store()
+    assert second.require_run("run-1").workflow == "shop.checkout"
+
+
+def test_a_newer_schema_is_refused_with_advice(open_store: Callable[[], Store]) -> None:
+    first = open_store()
+    first.ensure_schema()
+    with first.engine.begin() as conn:
+        conn.execute(
+            update(_schema.meta)
+            .where(_schema.meta.c.key == "schema_version")
+            .values(value=str(_schema.SCHEMA_VERSION + 1))
+        )
+    newer = open_store()
+    with pytest.raises(DurableError, match="newer than this celery_durable") as caught:
+        newer.get_run("run-1")
+    assert "upgrade celery_durable" in str(caught.value)
+
+
+def test_an_unreachable_database_raises_store_unavailable() -> None:
+    store = Store("postgresql+psycopg://durable:s3cret@127.0.0.1:1/nowhere")
+    try:
+        with pytest.raises(StoreUnavailableError) as caught:
+            store.get_run("run-1")
+    finally:
+        store.dispose()
+    message = str(caught.value)
+    assert "127.0.0.1:1/nowhere" in message
+    assert "s3cret" not in message
+    assert "durable_database_url" in message
+    assert isinstance(caught.value, ConnectionError)
