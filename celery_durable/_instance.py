@@ -24,7 +24,7 @@ from ._commands import (
     WorkflowInfo,
 )
 from ._loop import WorkflowEventLoop
-from .errors import NotInWorkflowError
+from .errors import NotInWorkflowError, WorkflowAwaitError
 
 __all__ = ["WorkflowInstance", "current_instance"]
 
@@ -108,15 +108,25 @@ class WorkflowInstance:
         issued, self._issued = self._issued, []
         if self._main.done():
             self.finished = True
-            issued.append(self._outcome(self._main))
+            issued.append(self._outcome(self._main, self.info))
             self.loop.close()
         return issued
 
     @staticmethod
-    def _outcome(task: asyncio.Task[Any]) -> CompleteWorkflow | FailWorkflow:
+    def _outcome(task: asyncio.Task[Any], info: WorkflowInfo) -> CompleteWorkflow | FailWorkflow:
         if task.cancelled():
             return FailWorkflow(asyncio.CancelledError())
         error = task.exception()
+        if isinstance(error, TypeError) and "can't be used in 'await' expression" in str(error):
+            # Python's own message does not say what to await instead.
+            wrapped = WorkflowAwaitError(
+                f"workflow {info.name}[{info.workflow_id}]: {error}. Inside a workflow, "
+                "await task signatures (`await task.s(...)`), coroutines and asyncio "
+                "primitives such as asyncio.gather."
+            )
+            wrapped.__cause__ = error
+            wrapped.__traceback__ = error.__traceback__
+            return FailWorkflow(wrapped)
         if error is not None:
             return FailWorkflow(error)
         return CompleteWorkflow(task.result())

@@ -108,9 +108,9 @@ class WorkflowEventLoop(asyncio.AbstractEventLoop):
         context: contextvars.Context | None = None,
     ) -> asyncio.TimerHandle:
         raise WorkflowAwaitError(
-            "asyncio timers (asyncio.sleep with a delay, wait_for, timeout) are not "
-            "available inside a workflow in this version of celery_durable; await an "
-            "activity instead"
+            f"{self._label()}: asyncio timers (asyncio.sleep with a delay, wait_for, "
+            "timeout) are not available inside a workflow in this version of "
+            "celery_durable; await an activity instead"
         )
 
     def create_future(self) -> asyncio.Future[Any]:
@@ -148,9 +148,15 @@ class WorkflowEventLoop(asyncio.AbstractEventLoop):
 
     # -- the outside world is not reachable from a workflow ------------------------------
 
+    def _label(self) -> str:
+        info = getattr(self.owner, "info", None)
+        if info is None:
+            return "workflow"
+        return f"workflow {info.name}[{info.workflow_id}]"
+
     def _no_io(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise WorkflowAwaitError(
-            "workflow code cannot do I/O or use threads (sockets, subprocesses, executors): "
+            f"{self._label()}: workflow code cannot do I/O or use threads (sockets, subprocesses, executors): "
             "it is replayed from history and must be deterministic; move that work into a "
             "Celery task and await its signature"
         )

@@ -511,29 +511,33 @@ class Store:
                     "failed, so it cannot be rewound; start a new run instead"
                 )
             last = run.turn
-            conn.execute(
-                update(s.steps)
-                .where(
+            failed = conn.execute(
+                select(s.steps.c.seq).where(
                     and_(
                         s.steps.c.run_id == run_id,
                         s.steps.c.observed_turn == last,
                         s.steps.c.outcome == "error",
                     )
                 )
-                .values(
-                    state=SCHEDULED,
-                    outcome=None,
-                    error=None,
-                    result=None,
-                    observed_turn=None,
-                    observed_at=None,
-                    completed_at=None,
-                    claimed_by=None,
-                    claimed_retries=None,
-                    dispatch_id=func.coalesce(s.steps.c.dispatch_id, "") + "-r",
-                    dispatched_at=at,
+            ).scalars()
+            for seq in list(failed):
+                conn.execute(
+                    update(s.steps)
+                    .where(and_(s.steps.c.run_id == run_id, s.steps.c.seq == seq))
+                    .values(
+                        state=SCHEDULED,
+                        outcome=None,
+                        error=None,
+                        result=None,
+                        observed_turn=None,
+                        observed_at=None,
+                        completed_at=None,
+                        claimed_by=None,
+                        claimed_retries=None,
+                        dispatch_id=str(uuid.uuid4()),
+                        dispatched_at=at,
+                    )
                 )
-            )
             conn.execute(
                 update(s.steps)
                 .where(and_(s.steps.c.run_id == run_id, s.steps.c.observed_turn == last))

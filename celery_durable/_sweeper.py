@@ -26,6 +26,7 @@ from celery import Celery
 from ._config import settings_for, store_for
 from ._messages import publish_step, publish_wake, step_headers
 from ._store import Dispatch
+from .errors import DurableError
 
 __all__ = ["Sweeper", "resend"]
 
@@ -83,6 +84,14 @@ class Sweeper:
         if runs:
             with self.app.producer_or_acquire() as producer:
                 for run in runs:
+                    if run.turn == 0 and run.workflow not in self.app.tasks:
+                        logger.error(
+                            "workflow run %s has not started: this worker does not know the "
+                            "workflow %r. Make sure the workers import the module that "
+                            "defines it (Celery's `imports`/`include`, or autodiscovery).",
+                            run.id,
+                            run.workflow,
+                        )
                     publish_wake(self.app, run.workflow, run.id, run.options, producer=producer)
                     woken += 1
         if released or stale or woken:
@@ -104,6 +113,8 @@ class Sweeper:
             try:
                 WorkflowHandle(run.id, app=self.app).retry()
                 count += 1
+            except DurableError:
+                pass  # another worker starting at the same time took it first
             except Exception:
                 logger.exception("could not retry stuck run %s", run.id)
         return count
