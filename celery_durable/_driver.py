@@ -129,6 +129,13 @@ class DriverTurn:
             logger.error("%s is STUCK: %s", self._label, exc)
             self.store.park(self.run_id, run.turn, STUCK, encode_error(exc))
             return STUCK
+        except Exception as exc:
+            # Not the workflow's own exception (those fail the run inside activate): its
+            # history could not be loaded or replayed here. Park it rather than retry
+            # forever; it resumes on retry() or when a worker with fixed code starts.
+            logger.exception("%s is STUCK: its history could not be replayed", self._label)
+            self.store.park(self.run_id, run.turn, STUCK, encode_error(exc))
+            return STUCK
 
         new_steps: list[NewStep] = []
         to_send: list[tuple[ScheduleActivity, str]] = []
