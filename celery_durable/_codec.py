@@ -15,6 +15,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from celery.utils.serialization import UnpickleableExceptionWrapper
 from kombu.exceptions import DecodeError, EncodeError
 from kombu.serialization import dumps, loads
 
@@ -38,13 +39,15 @@ class Codec:
             WorkflowEncodeError: the serializer cannot encode the value.
         """
         try:
-            content_type, encoding, payload = dumps(value, serializer=self.serializer)
+            content_type, encoding, encoded = dumps(value, serializer=self.serializer)
         except (EncodeError, TypeError, ValueError) as exc:
             raise WorkflowEncodeError(
                 f"{what} cannot be encoded with the {self.serializer!r} serializer: {exc}. "
                 "Pass values the serializer understands (for JSON: dicts, lists, strings, "
                 "numbers, booleans and None), or change the app's task_serializer."
             ) from exc
+        # Text serializers (JSON) give str, binary ones (pickle, msgpack) bytes.
+        payload: str | bytes = encoded
         if isinstance(payload, str):
             payload = payload.encode(encoding or "utf-8")
         return content_type, payload
@@ -69,20 +72,32 @@ def encode_error(exc: BaseException) -> ErrorInfo:
             "args": [exc.exc_message],
             "traceback": exc.remote_traceback,
         }
+    if isinstance(exc, UnpickleableExceptionWrapper):
+        # Celery swaps an exception it cannot pickle for this wrapper before the
+        # task_failure signal sees it; describe the original, not the wrapper.
+        return {
+            "type": exc.exc_cls_name,
+            "module": exc.exc_module,
+            "message": str(Exception(*(exc.exc_args or ()))),
+            "args": _jsonable_args(exc.exc_args or (), str(exc)),
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        }
     exc_type = type(exc)
-    args: list[Any]
-    try:
-        json.dumps(list(exc.args))
-        args = list(exc.args)
-    except (TypeError, ValueError):
-        args = [str(exc)]
     return {
         "type": exc_type.__qualname__,
         "module": exc_type.__module__,
         "message": str(exc),
-        "args": args,
+        "args": _jsonable_args(exc.args, str(exc)),
         "traceback": "".join(traceback.format_exception(exc_type, exc, exc.__traceback__)),
     }
+
+
+def _jsonable_args(args: Any, fallback: str) -> list[Any]:
+    try:
+        json.dumps(list(args))
+    except (TypeError, ValueError):
+        return [fallback]
+    return list(args)
 
 
 def decode_error(info: ErrorInfo) -> BaseException:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Union
+from typing import Any
 
 __all__ = [
     "ACTIVITY",
@@ -56,7 +56,7 @@ class FailWorkflow:
     error: BaseException
 
 
-Command = Union[ScheduleActivity, CompleteWorkflow, FailWorkflow]
+Command = ScheduleActivity | CompleteWorkflow | FailWorkflow
 
 
 @dataclass(frozen=True)

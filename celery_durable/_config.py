@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,17 @@ def settings_for(app: Celery) -> Settings:
 
 _stores: dict[str, Store] = {}
 _stores_lock = threading.Lock()
+
+
+def _reset_lock_after_fork() -> None:
+    # A thread of the parent (the sweeper) may have held the lock when a prefork child
+    # was forked; the child must not inherit it locked.
+    global _stores_lock
+    _stores_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_lock_after_fork)
 
 
 def store_for(app: Celery) -> Store:

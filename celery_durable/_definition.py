@@ -8,7 +8,13 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from celery import Celery, Task, current_app
-from celery._state import _get_active_apps, connect_on_app_finalize
+
+# _get_active_apps is private in Celery (so celery-types lacks it), but it is the only way
+# to reach the apps finalized before the decorator ran.
+from celery._state import (  # type: ignore[attr-defined]
+    _get_active_apps,
+    connect_on_app_finalize,
+)
 from celery.canvas import Signature
 from celery.utils.imports import gen_task_name
 
@@ -30,7 +36,7 @@ R = TypeVar("R")
 registry: dict[str, DurableWorkflow[Any, Any]] = {}
 
 
-class DriverTask(Task):  # type: ignore[misc]
+class DriverTask(Task[Any, Any]):
     """Base of every workflow's Celery task: starting it starts a run; running it drives one."""
 
     durable: DurableWorkflow[Any, Any]
@@ -86,7 +92,7 @@ class DurableWorkflow(Generic[P, R]):
             self._name = gen_task_name(current_app, self.fn.__name__, self.fn.__module__)
         return self._name
 
-    def _install(self, app: Celery) -> Task:
+    def _install(self, app: Celery) -> Task[Any, Any]:
         name = self._name or gen_task_name(app, self.fn.__name__, self.fn.__module__)
         self._name = name
         registry[name] = self
@@ -101,14 +107,21 @@ class DurableWorkflow(Generic[P, R]):
         run.__qualname__ = self.fn.__qualname__
         run.__module__ = self.fn.__module__
         run.__doc__ = self.fn.__doc__
-        task_options = {k: v for k, v in self.options.items() if k not in ("workflow_id",)}
-        task: Task = app.task(
+        # Routing (queue, routing_key...) is kept with each run and applied to every wake
+        # message; as task attributes Celery deprecates them.
+        task_options = {
+            k: v
+            for k, v in self.options.items()
+            if k != "workflow_id" and k not in DRIVER_OPTION_KEYS
+        }
+        make_task: Callable[[Callable[[DriverTask, str], str | None]], DriverTask] = app.task(
             name=name, bind=True, base=DriverTask, shared=False, lazy=False, **task_options
-        )(run)
+        )
+        task = make_task(run)
         task.durable = self
         return task
 
-    def task_for(self, app: Celery | None = None) -> Task:
+    def task_for(self, app: Celery | None = None) -> Task[Any, Any]:
         """This workflow's driver task on ``app`` (the current app by default)."""
         app = app or current_app
         name = self._name or gen_task_name(app, self.fn.__name__, self.fn.__module__)
@@ -148,7 +161,10 @@ class DurableWorkflow(Generic[P, R]):
         return Signature(self.name, args, kwargs, app=current_app)
 
     def signature(
-        self, args: tuple[Any, ...] | None = None, kwargs: dict[str, Any] | None = None, **options: Any
+        self,
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
     ) -> Signature:
         """Like ``Task.signature``."""
         return Signature(self.name, args or (), kwargs or {}, options=options, app=current_app)
@@ -230,12 +246,18 @@ def start_workflow(
     try:
         inspect.signature(definition.fn).bind(*args, **kwargs)
     except TypeError as exc:
-        raise TypeError(f"{label}: the arguments do not match {definition.fn.__name__}: {exc}") from None
+        raise TypeError(
+            f"{label}: the arguments do not match {definition.fn.__name__}: {exc}"
+        ) from None
     settings = settings_for(app)
     run_id = workflow_id or str(uuid.uuid4())
     label = f"workflow {name}[{run_id}]"
-    content_type, payload = settings.codec.dumps([list(args), dict(kwargs)], f"the arguments of {label}")
-    driver_options = {k: v for k, v in {**definition.options, **options}.items() if k in DRIVER_OPTION_KEYS}
+    content_type, payload = settings.codec.dumps(
+        [list(args), dict(kwargs)], f"the arguments of {label}"
+    )
+    driver_options = {
+        k: v for k, v in {**definition.options, **options}.items() if k in DRIVER_OPTION_KEYS
+    }
     store = store_for(app)
     created = store.create_run(NewRun(run_id, name, content_type, payload, driver_options))
     if not created:

@@ -119,11 +119,13 @@ class DriverTurn:
             return run.status  # a duplicate or coalesced wake: nothing new to deliver
 
         instance = cache.take(self.run_id, run.turn)
+        # The turn's time; the first turn's becomes the run's start time, which replays
+        # read back from the store, so the first execution must see the same value.
+        at = time.time()
         try:
             if instance is None:
-                instance = self._rebuild(run)
+                instance = self._rebuild(run, at)
             outcomes = [self._outcome(step) for step in start.new_outcomes]
-            at = time.time()
             commands = instance.activate(outcomes, _utc(at))
         except NonDeterminismError as exc:
             logger.error("%s is STUCK: %s", self._label, exc)
@@ -196,17 +198,17 @@ class DriverTurn:
 
     # -- building the instance -----------------------------------------------------------
 
-    def _new_instance(self, run: RunRecord) -> WorkflowInstance:
+    def _new_instance(self, run: RunRecord, at: float) -> WorkflowInstance:
         args, kwargs = self.codec.loads(run.content_type, run.input)
         info = WorkflowInfo(
             workflow_id=run.id,
             name=self.workflow,
-            start_time=_utc(run.started_at or time.time()),
+            start_time=_utc(run.started_at or at),
         )
         return WorkflowInstance(self.fn, args, kwargs, info, encode=self._encode_step)
 
-    def _rebuild(self, run: RunRecord) -> WorkflowInstance:
-        instance = self._new_instance(run)
+    def _rebuild(self, run: RunRecord, at: float) -> WorkflowInstance:
+        instance = self._new_instance(run, at)
         if run.turn == 0:
             return instance
         records = self.store.history(self.run_id)

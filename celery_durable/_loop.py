@@ -15,9 +15,14 @@ import logging
 from asyncio import events
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from .errors import WorkflowAwaitError
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeVarTuple, Unpack
+
+    _Ts = TypeVarTuple("_Ts")
 
 __all__ = ["WorkflowEventLoop"]
 
@@ -80,8 +85,8 @@ class WorkflowEventLoop(asyncio.AbstractEventLoop):
 
     def call_soon(
         self,
-        callback: Callable[..., object],
-        *args: Any,
+        callback: Callable[[Unpack[_Ts]], object],
+        *args: Unpack[_Ts],
         context: contextvars.Context | None = None,
     ) -> asyncio.Handle:
         handle = asyncio.Handle(callback, args, self, context=context)
@@ -94,8 +99,8 @@ class WorkflowEventLoop(asyncio.AbstractEventLoop):
     def call_later(
         self,
         delay: float,
-        callback: Callable[..., object],
-        *args: Any,
+        callback: Callable[[Unpack[_Ts]], object],
+        *args: Unpack[_Ts],
         context: contextvars.Context | None = None,
     ) -> asyncio.TimerHandle:
         return self.call_at(self._time + delay, callback, *args, context=context)
@@ -103,8 +108,8 @@ class WorkflowEventLoop(asyncio.AbstractEventLoop):
     def call_at(
         self,
         when: float,
-        callback: Callable[..., object],
-        *args: Any,
+        callback: Callable[[Unpack[_Ts]], object],
+        *args: Unpack[_Ts],
         context: contextvars.Context | None = None,
     ) -> asyncio.TimerHandle:
         raise WorkflowAwaitError(
@@ -116,7 +121,7 @@ class WorkflowEventLoop(asyncio.AbstractEventLoop):
     def create_future(self) -> asyncio.Future[Any]:
         return asyncio.Future(loop=self)
 
-    def create_task(  # type: ignore[override]
+    def create_task(
         self,
         coro: Coroutine[Any, Any, _T] | Generator[Any, None, _T],
         *,
@@ -156,25 +161,64 @@ class WorkflowEventLoop(asyncio.AbstractEventLoop):
 
     def _no_io(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise WorkflowAwaitError(
-            f"{self._label()}: workflow code cannot do I/O or use threads (sockets, subprocesses, executors): "
-            "it is replayed from history and must be deterministic; move that work into a "
-            "Celery task and await its signature"
+            f"{self._label()}: workflow code cannot do I/O or use threads (sockets, "
+            "subprocesses, executors): it is replayed from history and must be deterministic; "
+            "move that work into a Celery task and await its signature"
         )
 
     run_in_executor = _no_io  # type: ignore[assignment]
-    getaddrinfo = _no_io  # type: ignore[assignment]
-    getnameinfo = _no_io  # type: ignore[assignment]
-    create_connection = _no_io  # type: ignore[assignment]
-    create_server = _no_io  # type: ignore[assignment]
-    create_datagram_endpoint = _no_io  # type: ignore[assignment]
-    create_unix_connection = _no_io  # type: ignore[assignment]
-    create_unix_server = _no_io  # type: ignore[assignment]
-    subprocess_exec = _no_io  # type: ignore[assignment]
-    subprocess_shell = _no_io  # type: ignore[assignment]
+    getaddrinfo = _no_io
+    getnameinfo = _no_io
+    create_connection = _no_io
+    create_server = _no_io
+    create_datagram_endpoint = _no_io
+    create_unix_connection = _no_io
+    create_unix_server = _no_io
+    subprocess_exec = _no_io
+    subprocess_shell = _no_io
     add_reader = _no_io  # type: ignore[assignment]
     add_writer = _no_io  # type: ignore[assignment]
-    sock_recv = _no_io  # type: ignore[assignment]
-    sock_sendall = _no_io  # type: ignore[assignment]
-    sock_connect = _no_io  # type: ignore[assignment]
-    sock_accept = _no_io  # type: ignore[assignment]
+    sock_recv = _no_io
+    sock_sendall = _no_io
+    sock_connect = _no_io
+    sock_accept = _no_io
     add_signal_handler = _no_io  # type: ignore[assignment]
+    remove_signal_handler = _no_io
+    remove_reader = _no_io
+    remove_writer = _no_io
+    connect_read_pipe = _no_io
+    connect_write_pipe = _no_io
+    connect_accepted_socket = _no_io
+    start_tls = _no_io
+    sendfile = _no_io
+    sock_recv_into = _no_io
+    sock_recvfrom = _no_io
+    sock_recvfrom_into = _no_io
+    sock_sendto = _no_io
+    sock_sendfile = _no_io
+    set_default_executor = _no_io
+
+    # -- the driver runs the loop (run_until_quiescent), never the workflow's code ------
+
+    def _not_here(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise RuntimeError(
+            f"{self._label()}: a workflow's event loop is driven by celery_durable; workflow "
+            "code cannot run, stop or reconfigure it"
+        )
+
+    run_forever = _not_here
+    run_until_complete = _not_here
+    stop = _not_here
+    set_task_factory = _not_here
+
+    def get_task_factory(self) -> None:
+        return None
+
+    def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
+        pass  # no timer is ever scheduled (call_at refuses them)
+
+    async def shutdown_asyncgens(self) -> None:
+        pass
+
+    async def shutdown_default_executor(self, timeout: float | None = None) -> None:
+        pass

@@ -21,7 +21,8 @@ from sqlalchemy import (
 
 __all__ = ["SCHEMA_VERSION", "meta", "metadata", "runs", "steps", "workers"]
 
-#: Bumped whenever the tables change; :class:`~celery_durable._store.Store` upgrades older ones.
+#: Bumped whenever the tables change; each bump comes with the upgrade step that
+#: :class:`~celery_durable._store.Store` applies to a store of the previous version.
 SCHEMA_VERSION = 1
 
 metadata = MetaData()

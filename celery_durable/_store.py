@@ -15,7 +15,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,9 +40,9 @@ from ._codec import ErrorInfo
 from .errors import DurableError, StoreUnavailableError, WorkflowNotFoundError
 
 __all__ = [
-    "DONE",
-    "DELIVERED",
     "CLAIMED",
+    "DELIVERED",
+    "DONE",
     "SCHEDULED",
     "Dispatch",
     "NewRun",
@@ -157,6 +157,49 @@ def _now() -> float:
 
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_live_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+class _ForkGate:
+    """Makes a fork wait until no SQLite transaction of this process is in flight.
+
+    SQLite keeps a process's file locks in process-wide structures. A child forked while
+    another thread (the sweeper) is inside a transaction inherits a copy saying that a
+    connection it does not have holds the lock, and every write of the child then fails
+    with "database is locked" (seen with the prefork pool forking while the sweeper ran).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._cond:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if not self._active:
+                    self._cond.notify_all()
+
+    def before_fork(self) -> None:
+        # Keep the lock through the fork so that no transaction starts meanwhile; a
+        # transaction that does not end in time (the forking thread's own) is not waited for.
+        self._cond.acquire()
+        self._cond.wait_for(lambda: not self._active, timeout=10)
+
+    def after_fork_in_parent(self) -> None:
+        self._cond.release()
+
+    def after_fork_in_child(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+
+
+_fork_gate = _ForkGate()
 
 
 def _dispose_after_fork() -> None:
@@ -164,9 +207,18 @@ def _dispose_after_fork() -> None:
     # close=False leaves the parent's connections alone and gives the child a fresh pool.
     for engine in list(_engines):
         engine.dispose(close=False)
+    # The parent's sweeper thread may have held a store's lock at the moment of the fork;
+    # that thread does not exist in the child, so the child's copy would stay locked.
+    for store in list(_live_stores):
+        store._ready_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_fork_gate.before_fork,
+        after_in_parent=_fork_gate.after_fork_in_parent,
+        after_in_child=_fork_gate.after_fork_in_child,
+    )
     os.register_at_fork(after_in_child=_dispose_after_fork)
 
 
@@ -176,7 +228,13 @@ def _make_engine(url: str) -> Engine:
         database = parsed.database or ""
         if database and database != ":memory:":
             directory = os.path.dirname(os.path.abspath(database))
-            os.makedirs(directory, exist_ok=True)
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as exc:
+                raise StoreUnavailableError(
+                    f"cannot create the directory {directory!r} of the SQLite workflow store "
+                    f"{_safe_url(url)}: {exc}. Check app.conf.durable_database_url."
+                ) from exc
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
@@ -222,24 +280,31 @@ class Store:
         self.dialect = self.engine.dialect.name
         self._ready = False
         self._ready_lock = threading.Lock()
+        _live_stores.add(self)
 
     # -- plumbing ------------------------------------------------------------------------
 
     @contextmanager
     def _tx(self, readonly: bool = False) -> Iterator[Connection]:
         self.ensure_schema()
-        try:
-            conn = self.engine.connect()
-        except OperationalError as exc:
-            raise StoreUnavailableError(
-                f"cannot reach the workflow store at {_safe_url(self.url)}: {exc.orig}. "
-                "Check app.conf.durable_database_url and that the database server is running."
-            ) from exc
-        with conn:
-            if readonly:
-                conn = conn.execution_options(durable_readonly=True)
-            with conn.begin():
-                yield conn
+        with self._fork_gate():
+            try:
+                conn = self.engine.connect()
+            except OperationalError as exc:
+                raise StoreUnavailableError(
+                    f"cannot reach the workflow store at {_safe_url(self.url)}: {exc.orig}. "
+                    "Check app.conf.durable_database_url and that the database server is "
+                    "running."
+                ) from exc
+            with conn:
+                if readonly:
+                    conn = conn.execution_options(durable_readonly=True)
+                with conn.begin():
+                    yield conn
+
+    def _fork_gate(self) -> AbstractContextManager[None]:
+        # Only SQLite needs it: psycopg connections already ignore a fork.
+        return _fork_gate.held() if self.dialect == "sqlite" else nullcontext()
 
     def ensure_schema(self) -> None:
         """Create the tables if they are missing and check the schema version."""
@@ -249,7 +314,8 @@ class Store:
             if self._ready:
                 return
             try:
-                self._create_schema()
+                with self._fork_gate():
+                    self._create_schema()
             except OperationalError as exc:
                 raise StoreUnavailableError(
                     f"cannot reach the workflow store at {_safe_url(self.url)}: {exc.orig}. "
@@ -274,12 +340,10 @@ class Store:
                 select(s.meta.c.value).where(s.meta.c.key == "schema_version")
             ).scalar_one_or_none()
             if row is None:
-                try:
+                with suppress(IntegrityError):
                     conn.execute(
                         insert(s.meta).values(key="schema_version", value=str(s.SCHEMA_VERSION))
                     )
-                except IntegrityError:
-                    pass
             elif int(row) > s.SCHEMA_VERSION:
                 raise DurableError(
                     f"the workflow store at {_safe_url(self.url)} has schema version {row}, "
@@ -412,9 +476,7 @@ class Store:
             moved = conn.execute(
                 update(s.runs)
                 .where(
-                    and_(
-                        s.runs.c.id == run_id, s.runs.c.turn == turn, s.runs.c.status.in_(ACTIVE)
-                    )
+                    and_(s.runs.c.id == run_id, s.runs.c.turn == turn, s.runs.c.status.in_(ACTIVE))
                 )
                 .values(**values)
             ).rowcount
@@ -559,9 +621,7 @@ class Store:
     def dispatches_to_resend(self, run_id: str) -> list[Dispatch]:
         """Steps of a run scheduled but not yet claimed, for publishing after a retry."""
         with self._tx(readonly=True) as conn:
-            return _dispatches(
-                conn, and_(s.steps.c.run_id == run_id, s.steps.c.state == SCHEDULED)
-            )
+            return _dispatches(conn, and_(s.steps.c.run_id == run_id, s.steps.c.state == SCHEDULED))
 
     # -- the activity side ---------------------------------------------------------------
 
@@ -638,18 +698,22 @@ class Store:
             ).rowcount
             if recorded != 1:
                 return False, False
-            wake = conn.execute(
-                update(s.runs)
-                .where(
-                    and_(
-                        s.runs.c.id == run_id,
-                        s.runs.c.wake_pending.is_(False),
-                        s.runs.c.status.in_(ACTIVE),
-                    )
-                )
-                .values(wake_pending=True, woken_at=at)
-            ).rowcount
-            return True, wake == 1
+            # Read the flag under the run's row lock, held until this commits. Without it
+            # (PostgreSQL, READ COMMITTED) a driver could clear the flag and read the
+            # outcomes between this read and this commit: it would miss this outcome
+            # while this transaction counts on it, and the run would wait for the
+            # sweeper. With it, that driver's clear waits for this commit.
+            row = conn.execute(
+                select(s.runs.c.wake_pending, s.runs.c.status)
+                .where(s.runs.c.id == run_id)
+                .with_for_update(key_share=True)
+            ).first()
+            if row is None or row.wake_pending or row.status not in ACTIVE:
+                return True, False
+            conn.execute(
+                update(s.runs).where(s.runs.c.id == run_id).values(wake_pending=True, woken_at=at)
+            )
+            return True, True
 
     def release_step(self, run_id: str, seq: int) -> Dispatch | None:
         """Give a claimed step a new dispatch id (its worker died); the caller republishes."""
@@ -712,7 +776,9 @@ class Store:
     def worker_stopped(self, worker: str) -> None:
         """Record a clean shutdown of ``worker``."""
         with self._tx() as conn:
-            conn.execute(update(s.workers).where(s.workers.c.id == worker).values(stopped_at=_now()))
+            conn.execute(
+                update(s.workers).where(s.workers.c.id == worker).values(stopped_at=_now())
+            )
 
     def release_dead_claims(self, dead_after: float) -> list[Dispatch]:
         """New dispatches for steps claimed by workers that stopped or went silent."""
@@ -720,10 +786,19 @@ class Store:
         dead = select(s.workers.c.id).where(
             or_(s.workers.c.stopped_at.is_not(None), s.workers.c.last_seen < cutoff)
         )
+        # A claim by a worker that never registered (started without the bootstep) has
+        # no heartbeat to go silent; it counts as dead once it is as old as the timeout.
+        unknown = and_(
+            s.steps.c.claimed_by.not_in(select(s.workers.c.id)),
+            s.steps.c.claimed_at < cutoff,
+        )
         with self._tx() as conn:
             rows = conn.execute(
                 select(s.steps.c.run_id, s.steps.c.seq).where(
-                    and_(s.steps.c.state == CLAIMED, s.steps.c.claimed_by.in_(dead))
+                    and_(
+                        s.steps.c.state == CLAIMED,
+                        or_(s.steps.c.claimed_by.in_(dead), unknown),
+                    )
                 )
             ).all()
         released = []

@@ -54,7 +54,9 @@ def resend(app: Celery, dispatches: Iterable[Dispatch], copies: bool = False) ->
                 kwargs,
                 options,
                 dispatch.dispatch_id,
-                step_headers(dispatch.run_id, dispatch.seq, dispatch.workflow, dispatch.driver_options),
+                step_headers(
+                    dispatch.run_id, dispatch.seq, dispatch.workflow, dispatch.driver_options
+                ),
                 producer=producer,
                 task_id=str(uuid.uuid4()) if copies else None,
             )
@@ -121,7 +123,9 @@ class Sweeper:
 
     def start(self) -> None:
         """Sweep in a daemon thread until :meth:`stop`."""
-        self._thread = threading.Thread(target=self._loop, name="celery-durable-sweeper", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name="celery-durable-sweeper", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:

@@ -103,14 +103,15 @@ def _record(
     app: Celery = task.app
     store = store_for(app)
     if error is not None:
-        recorded, wake = store.record_outcome(run_id, seq, error=encode_error(error))
+        _recorded, wake = store.record_outcome(run_id, seq, error=encode_error(error))
     else:
         try:
-            payload = settings_for(app).codec.dumps(value, f"the result of step {seq} ({task.name}) of run {run_id}")
+            what = f"the result of step {seq} ({task.name}) of run {run_id}"
+            payload = settings_for(app).codec.dumps(value, what)
         except Exception as exc:
-            recorded, wake = store.record_outcome(run_id, seq, error=encode_error(exc))
+            _recorded, wake = store.record_outcome(run_id, seq, error=encode_error(exc))
         else:
-            recorded, wake = store.record_outcome(run_id, seq, result=payload)
+            _recorded, wake = store.record_outcome(run_id, seq, result=payload)
     if wake:
         workflow = _header(request, HEADER_WORKFLOW)
         driver = _header(request, HEADER_DRIVER) or {}
@@ -145,7 +146,10 @@ def _on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
         return
     task_id = getattr(request, "id", None) or getattr(request, "task_id", None)
     if task_id in _dropped:
+        # Our own drop of a duplicate. Forget the id again, so that a later Celery retry
+        # of the copy that won (same task id) is not taken for revoked too.
         _dropped.discard(task_id)
+        worker_state.revoked.discard(task_id)
         return
     from celery.exceptions import TaskRevokedError
 
@@ -158,10 +162,15 @@ def _on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     )
 
 
-class DurableWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
+class DurableWorkerStep(bootsteps.StartStopStep):
     """Starts this worker's sweeper and registers the worker in the store."""
 
     label = "celery_durable"
+    # The sweeper thread must not run while the prefork pool forks its children: a child
+    # forked while that thread holds a lock (an import, the store's, SQLite's) inherits it
+    # held forever. Started after the pool, later forks (replacing a dead child) find the
+    # store already built and the thread mostly idle.
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         self.sweeper: Sweeper | None = None
@@ -170,6 +179,10 @@ class DurableWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
         _identity["id"] = f"{worker.hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         _identity["hostname"] = worker.hostname
         settings_for(worker.app)  # fail at start, with the fix, on a bad setting
+        try:
+            store_for(worker.app).ensure_schema()  # here, not first in the sweeper thread
+        except Exception:
+            logger.exception("celery_durable: the store is not reachable yet; will retry")
         self.sweeper = Sweeper(worker.app, _identity["id"], worker.hostname)
         self.sweeper.start()
 

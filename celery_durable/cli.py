@@ -59,9 +59,8 @@ def list_runs(ctx: click.Context, status: str | None, workflow: str | None, limi
         return
     click.echo(f"{'ID':<38} {'STATUS':<8} {'TURNS':>5}  {'CREATED':<19}  WORKFLOW")
     for run in runs:
-        click.echo(
-            f"{run.id:<38} {run.status:<8} {run.turn:>5}  {_when(run.created_at):<19}  {run.workflow}"
-        )
+        created = _when(run.created_at)
+        click.echo(f"{run.id:<38} {run.status:<8} {run.turn:>5}  {created:<19}  {run.workflow}")
 
 
 @durable.command(cls=CeleryCommand)
@@ -83,10 +82,16 @@ def show(ctx: click.Context, workflow_id: str) -> None:
         if run.status == "SUCCESS":
             click.echo(f"result:   {_short(handle.result, 200)}")
         if run.error:
-            click.echo(f"error:    {run.error.get('module')}.{run.error.get('type')}: {run.error.get('message')}")
+            error = run.error
+            click.echo(
+                f"error:    {error.get('module')}.{error.get('type')}: {error.get('message')}"
+            )
         click.echo("steps:")
         for step in handle.history:
-            outcome = _short(step.result) if step.error is None else f"error {step.error.get('type')}: {step.error.get('message')}"
+            if step.error is None:
+                outcome = _short(step.result)
+            else:
+                outcome = f"error {step.error.get('type')}: {step.error.get('message')}"
             click.echo(
                 f"  {step.seq:>4} {step.state:<9} {step.name}{_short(step.args, 40)} "
                 f"attempts={step.attempts} -> {outcome}"

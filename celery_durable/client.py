@@ -162,7 +162,9 @@ class WorkflowHandle(Generic[R]):
                     f"workflow run {self.id} did not finish within {timeout} s "
                     f"(it is {status}); wait longer or check `celery durable show {self.id}`"
                 )
-            time.sleep(pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic())))
+            time.sleep(
+                pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic()))
+            )
             pause = min(pause * 2, interval)
         run = self._run()
         if run.status == SUCCESS:

@@ -19,11 +19,13 @@ For pytest, ``celery_durable.testing`` also offers the ``durable_app`` and
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import SecurityWarning
 from celery.worker import WorkController
 
 __all__ = ["configure_embedded", "durable_app", "durable_worker", "embedded_worker"]
@@ -58,16 +60,20 @@ def embedded_worker(
     **options: Any,
 ) -> Iterator[WorkController]:
     """Run a Celery worker (thread pool) in this process while the block runs."""
-    worker: WorkController = app.Worker(
-        pool="threads",
-        concurrency=concurrency,
-        loglevel=loglevel,
-        without_heartbeat=True,
-        without_mingle=True,
-        without_gossip=True,
-        quiet=True,
-        **options,
-    )
+    with warnings.catch_warnings():
+        # Celery warns when a worker *process* runs as root (in containers, often); this
+        # worker is a thread of the calling program, which already runs as whoever it is.
+        warnings.simplefilter("ignore", SecurityWarning)
+        worker: WorkController = app.Worker(
+            pool="threads",
+            concurrency=concurrency,
+            loglevel=loglevel,
+            without_heartbeat=True,
+            without_mingle=True,
+            without_gossip=True,
+            quiet=True,
+            **options,
+        )
     ready = threading.Event()
 
     def _started(**_: Any) -> None:
@@ -99,6 +105,14 @@ else:
         app = Celery("durable-test", broker="memory://", set_as_current=True)
         configure_embedded(app, f"sqlite:///{tmp_path}/durable.sqlite3")
         yield app
+        # The next test has a database of its own: close this one's connections and
+        # forget the suspended runs kept in memory for it.
+        from . import _config, _driver
+
+        store = _config._stores.pop(_config.settings_for(app).database_url, None)
+        if store is not None:
+            store.dispose()
+        _driver.cache.clear()
 
     @pytest.fixture
     def durable_worker(durable_app: Celery) -> Iterator[WorkController]:

@@ -7,9 +7,15 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from celery import Celery
+from celery.worker import WorkController
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
+
+from celery_durable import _config
+from celery_durable._driver import cache as driver_cache
+from celery_durable.testing import configure_embedded, embedded_worker
 
 #: The PostgreSQL the suite uses (trust auth on the development machines).
 POSTGRES_URL = os.environ.get(
@@ -46,3 +52,36 @@ def postgres_url() -> Iterator[str]:
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Celery]:
+    """A Celery app on ``memory://`` with a fresh SQLite store, shared by one test module.
+
+    Tests that use it start runs with ids of their own, so they never see each other.
+    """
+    directory = tmp_path_factory.mktemp("durable")
+    app = Celery("durable-tests", broker="memory://", set_as_current=False)
+    configure_embedded(app, f"sqlite:///{directory}/durable.sqlite3")
+    # memory:// queues are shared by every app in the process: a queue of its own keeps
+    # one module's leftover messages away from the next module's worker.
+    app.conf.task_default_queue = f"durable-tests-{uuid.uuid4().hex[:8]}"
+    yield app
+    driver_cache.clear()
+    store = _config._stores.pop(_config.settings_for(app).database_url, None)
+    if store is not None:
+        store.dispose()
+
+
+@pytest.fixture(scope="module")
+def worker(app: Celery) -> Iterator[WorkController]:
+    """An embedded worker for ``app`` (thread pool), stopped when the module is done."""
+    with embedded_worker(app) as worker:
+        yield worker
+
+
+@pytest.fixture(autouse=True)
+def _current_app(request: pytest.FixtureRequest) -> None:
+    # ``wf.delay()`` starts runs on the current app, like ``task.delay()``.
+    if "app" in request.fixturenames:
+        request.getfixturevalue("app").set_current()

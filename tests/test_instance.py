@@ -25,7 +25,7 @@ from celery_durable.errors import NotInWorkflowError, WorkflowAwaitError, Workfl
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 
 
-class step:  # noqa: N801 - reads like the task signatures it stands in for
+class step:  # lower case: reads like the task signatures it stands in for
     """An awaitable that schedules activity ``name`` on the running instance."""
 
     def __init__(self, name: str, *args: Any, **kwargs: Any) -> None:
@@ -392,7 +392,12 @@ def test_uuid4_and_random_are_deterministic_per_run() -> None:
     async def wf() -> list[Any]:
         first = workflow.uuid4()
         await step("a")
-        return [first, workflow.uuid4(), workflow.random().random(), workflow.random().randint(0, 10**9)]
+        return [
+            first,
+            workflow.uuid4(),
+            workflow.random().random(),
+            workflow.random().randint(0, 10**9),
+        ]
 
     def values(workflow_id: str) -> list[Any]:
         instance = make(wf, workflow_id=workflow_id)

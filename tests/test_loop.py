@@ -228,12 +228,35 @@ def test_network_io_raises_workflow_await_error() -> None:
         "add_reader",
         "sock_recv",
         "add_signal_handler",
+        "remove_reader",
+        "connect_read_pipe",
+        "start_tls",
+        "sock_sendfile",
+        "set_default_executor",
     ],
 )
 def test_every_io_entry_point_raises(method: str) -> None:
     loop = WorkflowEventLoop()
     with pytest.raises(WorkflowAwaitError):
         getattr(loop, method)(socket.socket)
+
+
+@pytest.mark.parametrize("method", ["run_forever", "run_until_complete", "stop"])
+def test_workflow_code_cannot_run_or_stop_the_loop(method: str) -> None:
+    loop = WorkflowEventLoop()
+    with pytest.raises(RuntimeError, match="driven by celery_durable"):
+        getattr(loop, method)()
+
+
+def test_asyncio_shutdown_hooks_are_harmless() -> None:
+    loop = WorkflowEventLoop()
+
+    async def main() -> None:
+        await loop.shutdown_asyncgens()
+        await loop.shutdown_default_executor()
+
+    assert run(loop, main()).exception() is None
+    assert loop.get_task_factory() is None
 
 
 def test_create_task_keeps_its_name() -> None:

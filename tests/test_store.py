@@ -110,7 +110,12 @@ def test_create_run_is_idempotent_per_id(store: Store) -> None:
     assert not store.create_run(NewRun("run-1", "shop.other", JSON, b"[[2], {}]"))
 
     run = store.require_run("run-1")
-    assert (run.workflow, run.input, run.status, run.turn) == ("shop.checkout", b"[[1], {}]", PENDING, 0)
+    assert (run.workflow, run.input, run.status, run.turn) == (
+        "shop.checkout",
+        b"[[1], {}]",
+        PENDING,
+        0,
+    )
     assert run.created_at == T0
     assert run.started_at is None
     assert [r.id for r in store.list_runs()] == ["run-1"]
@@ -411,9 +416,7 @@ def test_forget_workers_keeps_those_holding_claims(store: Store, clock: Clock) -
 # -- lost messages ------------------------------------------------------------------------
 
 
-def test_stale_dispatches_back_off_and_are_taken_by_one_sweeper(
-    store: Store, clock: Clock
-) -> None:
+def test_stale_dispatches_back_off_and_are_taken_by_one_sweeper(store: Store, clock: Clock) -> None:
     start(store, "charge")  # dispatched at T0
 
     clock.advance(10)
@@ -444,9 +447,7 @@ def test_claimed_and_finished_steps_are_never_stale(store: Store, clock: Clock) 
     assert [d.seq for d in store.stale_dispatches(older_than=10)] == [3]
 
 
-def test_stale_dispatches_race_has_one_taker(
-    open_store: Callable[[], Store], clock: Clock
-) -> None:
+def test_stale_dispatches_race_has_one_taker(open_store: Callable[[], Store], clock: Clock) -> None:
     stores = [open_store() for _ in range(4)]
     for i, s in enumerate(stores):
         start(s, "a", "b", run_id=f"run-{i}")
@@ -652,3 +653,9 @@ def test_an_unreachable_database_raises_store_unavailable() -> None:
     assert "s3cret" not in message
     assert "durable_database_url" in message
     assert isinstance(caught.value, ConnectionError)
+
+
+def test_an_sqlite_path_that_cannot_be_created_raises_store_unavailable() -> None:
+    with pytest.raises(StoreUnavailableError, match="durable_database_url") as caught:
+        Store("sqlite:////proc/no-such-dir/durable.sqlite3").get_run("run-1")
+    assert "/proc/no-such-dir" in str(caught.value)

@@ -9,7 +9,7 @@ task as a durable step and waits for its recorded outcome. Outside a workflow it
 from __future__ import annotations
 
 import collections.abc
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from typing import Any
 
 from celery.canvas import Signature, _chain, chord, group
@@ -20,12 +20,14 @@ from ..errors import WorkflowAwaitError
 
 __all__ = ["install", "is_workflow_name"]
 
+
 #: Set by the workflow registry: tells whether a task name belongs to a durable workflow.
 def is_workflow_name(name: str) -> bool:
     """True if ``name`` is a durable workflow registered in this process."""
     from .._definition import registry
 
     return name in registry
+
 
 # Options that describe one particular message, not the step: the driver sets its own.
 _PER_MESSAGE_OPTIONS = frozenset({"task_id", "parent_id", "root_id", "reply_to", "chord"})
@@ -39,18 +41,24 @@ def _await_signature(sig: Signature) -> Generator[Any, None, Any]:
             f"{where} awaited a {type(sig).__name__}; awaiting canvas primitives is not "
             "supported yet. Await each signature (asyncio.gather for a group) instead."
         )
-    if is_workflow_name(sig.task):
+    name = sig.task
+    if name is None:
         raise WorkflowAwaitError(
-            f"{where} awaited the durable workflow {sig.task!r}; child workflows are not "
+            f"{where} awaited a signature that names no task; await the signature of a "
+            "task (`await task.s(...)`)."
+        )
+    if is_workflow_name(name):
+        raise WorkflowAwaitError(
+            f"{where} awaited the durable workflow {name!r}; child workflows are not "
             "supported yet. Start it with .delay() and keep its workflow id, or await the "
             "tasks it runs directly."
         )
     options = {k: v for k, v in sig.options.items() if k not in _PER_MESSAGE_OPTIONS}
-    future = instance.schedule_activity(sig.task, sig.args, sig.kwargs, options)
+    future = instance.schedule_activity(name, sig.args, sig.kwargs, options)
     return (yield from future)
 
 
-def _await_async_result(result: AsyncResult) -> Generator[Any, None, Any]:
+def _await_async_result(result: AsyncResult[Any]) -> Generator[Any, None, Any]:
     raise WorkflowAwaitError(
         f"an AsyncResult ({result.id}) was awaited. Inside a @durable_workflow, await the "
         "task's signature instead of calling it: `await task.s(...)`, not "
