@@ -25,6 +25,7 @@ workflows are deleted at start.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import signal
@@ -58,8 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--result-url", default=DEFAULT_RESULT, help="Celery result backend")
     parser.add_argument("--queue", default=DEFAULT_QUEUE, help="queue of every message")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run at most")
+    parser.add_argument("--loglevel", default="WARNING", help="worker log level")
+    parser.add_argument("--log-dir", help="keep the worker logs here (default: a temp dir)")
+    parser.add_argument("--profile-dir", help="write each worker process's cProfile stats here")
     parser.add_argument(
-        "--loglevel", default="WARNING", help="worker log level (logs go to a temp dir)"
+        "--only", choices=("durable", "celery"), help="time one side only (for profiling)"
+    )
+    parser.add_argument(
+        "--rows", choices=("both", "sequential", "fanout"), default="both", help="what to time"
     )
     return parser.parse_args(argv)
 
@@ -109,7 +116,7 @@ class Workers:
 
     def __enter__(self) -> Workers:
         for name in self.names:
-            log = open(self.log_dir / f"{name.split('@')[0]}.log", "wb")  # noqa: SIM115
+            log = open(self.log_dir / f"{name.split('@')[0]}.log", "wb")
             cmd = [
                 sys.executable, "-m", "celery", "-A", "comparison_app", "worker",
                 "-n", name, "-Q", self.args.queue,
@@ -119,9 +126,13 @@ class Workers:
             ]  # fmt: skip
             self.procs.append(
                 subprocess.Popen(
-                    cmd, cwd=HERE, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                    cmd,
+                    cwd=HERE,
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                     start_new_session=True,
-                )  # fmt: skip
+                )
             )
         return self
 
@@ -169,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         BENCH_RESULT_URL=args.result_url,
         BENCH_STORE_URL=args.store_url,
         BENCH_QUEUE=args.queue,
+        BENCH_PROFILE_DIR=os.path.abspath(args.profile_dir) if args.profile_dir else "",
         PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
     )
     os.environ.update({k: env[k] for k in env if k.startswith("BENCH_")})
@@ -176,9 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     ensure_database(args.store_url)
 
     import celery
+    import comparison_app as bench
     from celery import chain, chord
 
-    import comparison_app as bench
     from celery_durable import WorkflowHandle
     from celery_durable._config import store_for
 
@@ -213,10 +225,15 @@ def main(argv: list[str] | None = None) -> None:
         (f"gather {width}", f"chord of {width}", durable(bench.fanout, width, "fan"),
          celery_chord, sum(range(1, width + 1))),
     ]  # fmt: skip
+    keys = ["seq", "fan"]
+    if args.rows != "both":
+        keep = 0 if args.rows == "sequential" else 1
+        rows, keys = [rows[keep]], [keys[keep]]
     turns: dict[str, list[int]] = {"seq": [], "fan": []}
 
     with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
-        log_dir = Path(tmp)
+        log_dir = Path(args.log_dir or tmp)
+        log_dir.mkdir(parents=True, exist_ok=True)
         with Workers(args, env, log_dir) as workers:
             workers.wait_ready(app)
             print(
@@ -226,18 +243,21 @@ def main(argv: list[str] | None = None) -> None:
                 f"{celery.__version__}",
                 flush=True,
             )
+            sides = {"durable": args.only != "celery", "celery": args.only != "durable"}
             for _, _, run_durable, run_celery, expected in rows:  # warm-up
-                timed(run_durable, expected)
-                timed(run_celery, expected)
+                if sides["durable"]:
+                    timed(run_durable, expected)
+                if sides["celery"]:
+                    timed(run_celery, expected)
             samples: list[tuple[list[float], list[float]]] = [([], []) for _ in rows]
             for _ in range(args.repeat):
                 # Interleaved, so that a slow spell of the machine hits both sides.
                 for (_, _, run_durable, run_celery, expected), (d, c), key in zip(
-                    rows, samples, ("seq", "fan")
+                    rows, samples, keys, strict=True
                 ):
-                    d.append(timed(run_durable, expected))
-                    turns[key].append(last_turns[key])
-                    c.append(timed(run_celery, expected))
+                    d.append(timed(run_durable, expected) if sides["durable"] else math.nan)
+                    turns[key].append(last_turns.get(key, 0))
+                    c.append(timed(run_celery, expected) if sides["celery"] else math.nan)
                     print(f"  {key}: durable {d[-1]:.3f} s, celery {c[-1]:.3f} s", flush=True)
 
     print()
@@ -245,7 +265,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{'celery s':>10} {'ratio':>7} {'turns':>6}"  # fmt: skip
     print(header)
     print("-" * len(header))
-    for (durable_name, celery_name, *_), (d, c), key in zip(rows, samples, ("seq", "fan")):
+    for (durable_name, celery_name, *_), (d, c), key in zip(
+        rows, samples, keys, strict=True
+    ):
         dm, cm = statistics.median(d), statistics.median(c)
         print(
             f"{durable_name:<18} {celery_name:<15} {dm:>10.3f} {cm:>10.3f} "

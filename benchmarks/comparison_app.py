@@ -11,14 +11,19 @@ imports this module and passes on to the workers:
 | ``BENCH_RESULT_URL`` | the Celery result backend (for ``chain``/``chord`` only) |
 | ``BENCH_STORE_URL`` | ``durable_database_url`` |
 | ``BENCH_QUEUE`` | the one queue every message of the benchmark goes to |
+| ``BENCH_PROFILE_DIR`` | if set, each worker process writes its cProfile stats here |
+| ``BENCH_PROFILE_CLOCK`` | ``cpu`` to profile CPU time instead of wall time |
 """
 
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import os
+import time
+from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from celery_durable import durable_workflow
 
@@ -67,3 +72,29 @@ async def fanout(n: int) -> int:
     """``n`` activities at once, then their sum: the durable twin of a ``chord`` of ``n``."""
     values = await asyncio.gather(*(add_one.s(i) for i in range(n)))
     return sum(values)
+
+
+_profiler: list[cProfile.Profile] = []
+
+
+def _start_profile(**_: Any) -> None:
+    for inherited in _profiler:  # a forked child stops its parent's copy
+        inherited.disable()
+    cpu = os.environ.get("BENCH_PROFILE_CLOCK") == "cpu"
+    _profiler[:] = [cProfile.Profile(time.process_time) if cpu else cProfile.Profile()]
+    _profiler[0].enable()
+
+
+def _dump_profile(sender: Any = None, **_: Any) -> None:
+    if _profiler:
+        _profiler[0].disable()
+        role = "main" if sender is not None else "child"
+        _profiler[0].dump_stats(os.path.join(PROFILE_DIR, f"{role}-{os.getpid()}.prof"))
+
+
+PROFILE_DIR = os.environ.get("BENCH_PROFILE_DIR")
+if PROFILE_DIR:
+    signals.worker_init.connect(_start_profile, weak=False)
+    signals.worker_shutdown.connect(_dump_profile, weak=False)
+    signals.worker_process_init.connect(_start_profile, weak=False)
+    signals.worker_process_shutdown.connect(_dump_profile, weak=False)

@@ -5,6 +5,7 @@
 | ``durable_database_url`` | ``sqlite:///celery_durable.sqlite3`` | where runs and history live |
 | ``durable_sweep_interval`` | ``10`` s | how often each worker's sweeper looks for lost work |
 | ``durable_stall_timeout`` | ``30`` s | how long a message may look lost before it is re-sent |
+| ``durable_timer_interval`` | ``0.5`` s | how often each worker fires due durable timers |
 | ``durable_worker_timeout`` | ``30`` s | silence after which a worker counts as dead |
 | ``durable_cache_size`` | ``1000`` | suspended runs kept in memory per process (0: always replay) |
 """
@@ -36,6 +37,7 @@ class Settings:
     database_url: str
     sweep_interval: float
     stall_timeout: float
+    timer_interval: float
     worker_timeout: float
     cache_size: int
     serializer: str
@@ -87,6 +89,7 @@ def settings_for(app: Celery) -> Settings:
         database_url=url,
         sweep_interval=_number(app, "durable_sweep_interval", 10.0, 0.05),
         stall_timeout=_number(app, "durable_stall_timeout", 30.0, 0.05),
+        timer_interval=_number(app, "durable_timer_interval", 0.5, 0.01),
         worker_timeout=_number(app, "durable_worker_timeout", 30.0, 0.05),
         cache_size=int(_number(app, "durable_cache_size", 1000, 0)),
         serializer=str(app.conf.task_serializer or "json"),

@@ -9,6 +9,7 @@ driver decides where the outcomes come from and what the commands turn into.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import random
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
@@ -16,19 +17,65 @@ from datetime import datetime
 from typing import Any
 
 from ._commands import (
-    ActivityResolved,
+    PATCH,
+    CancelStep,
     Command,
     CompleteWorkflow,
+    ContinueAsNew,
     FailWorkflow,
+    RecordPatch,
+    RunLocal,
     ScheduleActivity,
+    SetStatus,
+    StartChild,
+    StartTimer,
+    StepCommand,
+    StepOutcome,
+    WaitSignal,
     WorkflowInfo,
 )
 from ._loop import WorkflowEventLoop
 from .errors import NotInWorkflowError, WorkflowAwaitError
 
-__all__ = ["WorkflowInstance", "current_instance"]
+__all__ = ["ContinueAsNewRequest", "WorkflowInstance", "current_instance"]
 
 WorkflowFunction = Callable[..., Coroutine[Any, Any, Any]]
+
+
+class ContinueAsNewRequest(BaseException):
+    """Raised by ``workflow.continue_as_new``; ends the coroutine like a return would.
+
+    A ``BaseException`` so that a broad ``except Exception`` in workflow code cannot
+    swallow it.
+    """
+
+    def __init__(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        super().__init__(args, dict(kwargs))
+        self.call_args = args
+        self.call_kwargs = dict(kwargs)
+
+
+class _DurableTimer(asyncio.TimerHandle):
+    """A timer handle whose cancellation cancels the durable timer step too."""
+
+    def __init__(
+        self,
+        instance: WorkflowInstance,
+        seq: int,
+        when: float,
+        callback: Callable[..., object],
+        args: tuple[Any, ...],
+        context: contextvars.Context | None,
+    ) -> None:
+        super().__init__(when, callback, args, instance.loop, context=context)
+        self._instance = instance
+        self._seq = seq
+
+    def cancel(self) -> None:
+        if not self.cancelled() and self._seq in self._instance._timers:
+            self._instance._timers.pop(self._seq, None)
+            self._instance._issued.append(CancelStep(self._seq))
+        super().cancel()
 
 
 class WorkflowInstance:
@@ -40,7 +87,8 @@ class WorkflowInstance:
         args: Sequence[Any],
         kwargs: Mapping[str, Any],
         info: WorkflowInfo,
-        encode: Callable[[ScheduleActivity], Any] | None = None,
+        encode: Callable[[ScheduleActivity | StartChild], Any] | None = None,
+        seq_base: int = 0,
     ) -> None:
         self.info = info
         # Encodes a step's input as it is issued, so that a value the serializer cannot
@@ -48,18 +96,46 @@ class WorkflowInstance:
         self._encode = encode
         self.loop = WorkflowEventLoop(owner=self)
         self.now = info.start_time
-        self.random = random.Random(info.workflow_id)
+        self.random = random.Random(f"{info.workflow_id}/{seq_base}")
         self.turn = 0
         self._fn = fn
         self._args = tuple(args)
         self._kwargs = dict(kwargs)
         self._main: asyncio.Task[Any] | None = None
-        self._next_seq = 1
+        self._next_seq = seq_base + 1
         self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._timers: dict[int, _DurableTimer] = {}
+        self._patches: dict[str, bool] = {}
         self._issued: list[Command] = []
         self.finished = False
+        #: Set by replay: the (kind, name) of every recorded step, by seq.
+        self.recorded: Mapping[int, tuple[str, str]] = {}
+        self.replaying = False
 
     # -- called by workflow code (through the public helpers) ----------------------------
+
+    def _allocate(self, kind: str) -> int:
+        if self.replaying and kind != PATCH:
+            # A patch marker the code no longer asks about (a retired patch) keeps its
+            # place in history; step over it so later steps keep their numbers.
+            while self.recorded.get(self._next_seq, ("", ""))[0] == PATCH:
+                self._next_seq += 1
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def _wait(self, command: StepCommand) -> asyncio.Future[Any]:
+        future = self.loop.create_future()
+        seq = command.seq
+        self._waiting[seq] = future
+
+        def _on_done(done: asyncio.Future[Any]) -> None:
+            if done.cancelled() and self._waiting.pop(seq, None) is not None:
+                self._issued.append(CancelStep(seq))
+
+        future.add_done_callback(_on_done)
+        self._issued.append(command)
+        return future
 
     def schedule_activity(
         self,
@@ -72,19 +148,78 @@ class WorkflowInstance:
         command = ScheduleActivity(self._next_seq, name, tuple(args), dict(kwargs), dict(options))
         if self._encode is not None:
             command = replace(command, payload=self._encode(command))
-        self._next_seq += 1
-        future = self.loop.create_future()
-        self._waiting[command.seq] = future
-        self._issued.append(command)
-        return future
+        return self._wait(replace(command, seq=self._allocate(command.kind)))
+
+    def start_child(
+        self,
+        name: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        options: Mapping[str, Any],
+    ) -> asyncio.Future[Any]:
+        """Issue a :class:`StartChild`; the future resolves with the child's result."""
+        command = StartChild(self._next_seq, name, tuple(args), dict(kwargs), dict(options))
+        if self._encode is not None:
+            command = replace(command, payload=self._encode(command))
+        return self._wait(replace(command, seq=self._allocate(command.kind)))
+
+    def run_local(
+        self, fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> asyncio.Future[Any]:
+        """Issue a :class:`RunLocal` for ``fn``; the driver runs it and records the outcome."""
+        name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+        seq = self._allocate(RunLocal.kind)
+        return self._wait(RunLocal(seq, name, fn, tuple(args), dict(kwargs)))
+
+    def wait_signal(self, name: str) -> asyncio.Future[Any]:
+        """Issue a :class:`WaitSignal`; the future resolves with the signal's payload."""
+        return self._wait(WaitSignal(self._allocate(WaitSignal.kind), name))
+
+    def start_timer(
+        self,
+        when: float,
+        callback: Callable[..., object],
+        args: tuple[Any, ...],
+        context: contextvars.Context | None,
+    ) -> asyncio.TimerHandle:
+        """Issue a :class:`StartTimer`; ``callback`` runs in the turn that sees it fire."""
+        seq = self._allocate(StartTimer.kind)
+        when = max(when, self.loop.time())
+        handle = _DurableTimer(self, seq, when, callback, args, context)
+        self._timers[seq] = handle
+        self._issued.append(StartTimer(seq, when))
+        return handle
+
+    def patched(self, patch_id: str) -> bool:
+        """True if this run takes the new code path guarded by ``patch_id``.
+
+        A run that is past this point in its history took the old path (False); every
+        other execution takes the new one and records that it did (True).
+        """
+        if patch_id in self._patches:
+            return self._patches[patch_id]
+        use = True
+        if self.replaying:
+            use = self.recorded.get(self._next_seq) == (PATCH, patch_id)
+        if use:
+            self._issued.append(RecordPatch(self._allocate(PATCH), patch_id))
+        self._patches[patch_id] = use
+        return use
+
+    def set_status(self, key: str, value: Any) -> None:
+        """Issue a :class:`SetStatus`."""
+        self._issued.append(SetStatus(key, value))
 
     # -- called by the driver -----------------------------------------------------------
 
-    def activate(self, outcomes: Sequence[ActivityResolved], now: datetime) -> list[Command]:
+    def activate(
+        self, outcomes: Sequence[StepOutcome], now: datetime, cancel: bool = False
+    ) -> list[Command]:
         """Deliver ``outcomes`` in order, run until blocked, and return the new commands.
 
         The first activation starts the coroutine. ``now`` is the turn's recorded time;
-        it never moves the workflow's clock backwards.
+        it never moves the workflow's clock backwards. ``cancel`` raises CancelledError
+        in the workflow at its current await (after the outcomes are delivered).
         """
         if self.finished:
             raise RuntimeError(f"workflow {self.info.workflow_id} has already finished")
@@ -95,6 +230,11 @@ class WorkflowInstance:
         if self._main is None:
             self._main = self.loop.create_task(self._fn(*self._args, **self._kwargs))
         for outcome in outcomes:
+            timer = self._timers.pop(outcome.seq, None)
+            if timer is not None:
+                if not timer.cancelled():
+                    self.loop.fire(timer)
+                continue
             future = self._waiting.pop(outcome.seq, None)
             # A future the code already cancelled (or a step it never awaited again after
             # a code change) has nobody waiting: its outcome is simply dropped.
@@ -104,6 +244,8 @@ class WorkflowInstance:
                 future.set_exception(outcome.error)
             else:
                 future.set_result(outcome.value)
+        if cancel:
+            self._main.cancel()
         self.loop.run_until_quiescent()
         issued, self._issued = self._issued, []
         if self._main.done():
@@ -113,10 +255,14 @@ class WorkflowInstance:
         return issued
 
     @staticmethod
-    def _outcome(task: asyncio.Task[Any], info: WorkflowInfo) -> CompleteWorkflow | FailWorkflow:
+    def _outcome(
+        task: asyncio.Task[Any], info: WorkflowInfo
+    ) -> CompleteWorkflow | FailWorkflow | ContinueAsNew:
         if task.cancelled():
             return FailWorkflow(asyncio.CancelledError())
         error = task.exception()
+        if isinstance(error, ContinueAsNewRequest):
+            return ContinueAsNew(error.call_args, error.call_kwargs)
         if isinstance(error, TypeError) and "can't be used in 'await' expression" in str(error):
             # Python's own message does not say what to await instead.
             wrapped = WorkflowAwaitError(
@@ -134,7 +280,7 @@ class WorkflowInstance:
     @property
     def pending_seqs(self) -> list[int]:
         """Steps issued and still awaited, in order."""
-        return sorted(self._waiting)
+        return sorted([*self._waiting, *self._timers])
 
 
 def current_instance(helper: str) -> WorkflowInstance:

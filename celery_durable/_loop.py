@@ -112,11 +112,18 @@ class WorkflowEventLoop(asyncio.AbstractEventLoop):
         *args: Unpack[_Ts],
         context: contextvars.Context | None = None,
     ) -> asyncio.TimerHandle:
-        raise WorkflowAwaitError(
-            f"{self._label()}: asyncio timers (asyncio.sleep with a delay, wait_for, "
-            "timeout) are not available inside a workflow in this version of "
-            "celery_durable; await an activity instead"
-        )
+        start_timer = getattr(self.owner, "start_timer", None)
+        if start_timer is None:
+            raise WorkflowAwaitError(
+                f"{self._label()}: this loop has no durable timers: asyncio timers work only "
+                "inside a running workflow"
+            )
+        handle: asyncio.TimerHandle = start_timer(when, callback, args, context)
+        return handle
+
+    def fire(self, handle: asyncio.TimerHandle) -> None:
+        """Run a timer's callback in this activation (its durable timer went off)."""
+        self._ready.append(handle)
 
     def create_future(self) -> asyncio.Future[Any]:
         return asyncio.Future(loop=self)

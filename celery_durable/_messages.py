@@ -73,6 +73,11 @@ def publish_step(
     merged.update(headers)
     merged[HEADER_DISPATCH] = dispatch_id
     task_id = task_id or dispatch_id
+    # The outcome is recorded in the store; a copy in the result backend would be a
+    # second write per step that nothing reads (a step can still ask for one with
+    # .set(ignore_result=False)). Nor is the step a child of the driver turn sending it.
+    opts.setdefault("ignore_result", True)
+    opts["add_to_parent"] = False
     task = app.tasks.get(name)
     if task is not None:
         # The registered task knows its own routing, serializer and default options.
@@ -104,5 +109,8 @@ def publish_wake(
         (run_id,),
         headers={HEADER_WAKE: True},
         producer=producer,
+        # A turn's return value is not the run's result (that is in the store).
+        ignore_result=True,
+        add_to_parent=False,
         **{k: v for k, v in driver_options.items() if k in DRIVER_OPTION_KEYS},
     )

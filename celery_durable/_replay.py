@@ -1,10 +1,12 @@
 """Rebuild a suspended workflow from its history, checking that the code still agrees.
 
 Replay re-runs every committed turn in order: turn ``t`` delivers exactly the outcomes
-that were first delivered in turn ``t`` and must issue exactly the steps that turn ``t``
-scheduled. Anything else means the code changed under a running workflow, and the run is
-stopped with a :class:`~celery_durable.errors.NonDeterminismError` instead of being fed
-results that belong to different steps.
+that were first delivered in turn ``t`` (and the cancellation, if it came then) and must
+issue exactly the steps that turn ``t`` scheduled. Anything else means the code changed
+under a running workflow, and the run is stopped with a
+:class:`~celery_durable.errors.NonDeterminismError` instead of being fed results that
+belong to different steps. Patch markers (``workflow.patched``) the code no longer asks
+about are the one allowed difference: that is how a patch is retired.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from ._commands import (
-    ActivityResolved,
-    Command,
+    PATCH,
     CompleteWorkflow,
+    ContinueAsNew,
     FailWorkflow,
     HistoryStep,
-    ScheduleActivity,
+    StepOutcome,
 )
 from ._instance import WorkflowInstance
 from .errors import NonDeterminismError
@@ -32,6 +34,7 @@ def replay(
     history: Sequence[HistoryStep],
     turns: int,
     turn_times: Mapping[int, datetime],
+    cancel_turn: int | None = None,
 ) -> None:
     """Run ``instance`` through turns ``1..turns`` of ``history``.
 
@@ -39,52 +42,60 @@ def replay(
         NonDeterminismError: the code issued a step that differs from the recorded one,
             issued one too many or too few, or finished where history continued.
     """
-    created: dict[int, list[HistoryStep]] = defaultdict(list)
-    delivered: dict[int, list[ActivityResolved]] = defaultdict(list)
+    created: dict[int, dict[int, HistoryStep]] = defaultdict(dict)
+    delivered: dict[int, list[StepOutcome]] = defaultdict(list)
     for step in sorted(history, key=lambda s: s.seq):
-        created[step.created_turn].append(step)
+        created[step.created_turn][step.seq] = step
         if step.observed_turn is not None and step.outcome is not None:
             delivered[step.observed_turn].append(step.outcome)
 
-    for turn in range(1, turns + 1):
-        now = turn_times.get(turn, instance.now)
-        commands = instance.activate(delivered.get(turn, []), now)
-        _check_turn(instance, turn, commands, created.get(turn, []))
+    instance.recorded = {step.seq: (step.kind, step.name) for step in history}
+    instance.replaying = True
+    try:
+        for turn in range(1, turns + 1):
+            now = turn_times.get(turn, instance.now)
+            commands = instance.activate(delivered.get(turn, []), now, cancel=turn == cancel_turn)
+            _check_turn(instance, turn, commands, created.get(turn, {}))
+    finally:
+        instance.replaying = False
 
 
 def _check_turn(
     instance: WorkflowInstance,
     turn: int,
-    commands: list[Command],
-    recorded: list[HistoryStep],
+    commands: Sequence[object],
+    recorded: dict[int, HistoryStep],
 ) -> None:
     run = f"workflow {instance.info.name}[{instance.info.workflow_id}]"
-    scheduled = [c for c in commands if isinstance(c, ScheduleActivity)]
-    for index, step in enumerate(recorded):
-        if index >= len(scheduled):
+    issued = {c.seq: c for c in commands if hasattr(c, "seq") and hasattr(c, "kind")}
+    for seq, step in sorted(recorded.items()):
+        command = issued.get(seq)
+        if command is None:
+            if step.kind == PATCH:
+                continue  # a retired patch
             raise NonDeterminismError(
-                f"{run}: replay of turn {turn} did not schedule step {step.seq}, which "
-                f"history records as {step.kind} {step.name!r}. The code changed under a "
-                "running workflow; restore the old path (or guard the change with a "
-                "version check) and retry the run."
+                f"{run}: replay of turn {turn} did not schedule step {seq}, which history "
+                f"records as {step.kind} {step.name!r}. The code changed under a running "
+                "workflow; restore the old path (or guard the change with "
+                "workflow.patched()) and retry the run."
             )
-        issued = scheduled[index]
-        if issued.seq != step.seq or issued.kind != step.kind or issued.name != step.name:
+        kind, name = getattr(command, "kind"), getattr(command, "name")  # noqa: B009
+        if kind != step.kind or name != step.name:
             raise NonDeterminismError(
-                f"{run}: step {step.seq} is {step.kind} {step.name!r} in history but the "
-                f"code now schedules {issued.kind} {issued.name!r} there. Deploy code that "
-                "schedules the same steps in the same order (or version the change) and "
-                "retry the run."
+                f"{run}: step {seq} is {step.kind} {step.name!r} in history but the code "
+                f"now schedules {kind} {name!r} there. Deploy code that schedules the same "
+                "steps in the same order (or guard the change with workflow.patched()) "
+                "and retry the run."
             )
-    if len(scheduled) > len(recorded):
-        extra = scheduled[len(recorded)]
-        raise NonDeterminismError(
-            f"{run}: replay of turn {turn} scheduled step {extra.seq} ({extra.kind} "
-            f"{extra.name!r}), which history does not have. The code changed under a "
-            "running workflow; restore the old path (or version the change) and retry."
-        )
-    finished = [c for c in commands if isinstance(c, (CompleteWorkflow, FailWorkflow))]
-    if finished:
+    for seq, command in sorted(issued.items()):
+        if seq not in recorded:
+            raise NonDeterminismError(
+                f"{run}: replay of turn {turn} scheduled step {seq} "
+                f"({getattr(command, 'kind')} {getattr(command, 'name')!r}), which history "  # noqa: B009
+                "does not have. The code changed under a running workflow; restore the old "
+                "path (or guard the change with workflow.patched()) and retry."
+            )
+    if any(isinstance(c, (CompleteWorkflow, FailWorkflow, ContinueAsNew)) for c in commands):
         raise NonDeterminismError(
             f"{run}: replay of turn {turn} finished the workflow, but history shows it "
             "continued. The code changed under a running workflow; restore the old path "

@@ -19,11 +19,35 @@ from sqlalchemy import (
     Table,
 )
 
-__all__ = ["SCHEMA_VERSION", "meta", "metadata", "runs", "steps", "workers"]
+__all__ = [
+    "ADDED_COLUMNS",
+    "SCHEMA_VERSION",
+    "meta",
+    "metadata",
+    "runs",
+    "signals",
+    "steps",
+    "workers",
+]
 
 #: Bumped whenever the tables change; each bump comes with the upgrade step that
 #: :class:`~celery_durable._store.Store` applies to a store of the previous version.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: What each version added, as (table, column) pairs; upgrades add them in order.
+#: (New tables need no entry: they are created whenever they are missing.)
+ADDED_COLUMNS: dict[int, list[tuple[str, str]]] = {
+    2: [
+        ("durable_runs", "parent_id"),
+        ("durable_runs", "parent_seq"),
+        ("durable_runs", "attempt"),
+        ("durable_runs", "seq_base"),
+        ("durable_runs", "cancel_requested"),
+        ("durable_runs", "cancel_turn"),
+        ("durable_runs", "progress"),
+        ("durable_steps", "child_id"),
+    ],
+}
 
 metadata = MetaData()
 
@@ -39,7 +63,7 @@ runs = Table(
     metadata,
     Column("id", String(255), primary_key=True),
     Column("workflow", String(255), nullable=False),
-    # PENDING (never driven), RUNNING, SUCCESS, FAILURE, STUCK
+    # PENDING (never driven), RUNNING, SUCCESS, FAILURE, CANCELLED, TERMINATED, STUCK
     Column("status", String(16), nullable=False),
     # Number of committed driver turns; also the fencing version of the row.
     Column("turn", Integer, nullable=False, default=0),
@@ -56,6 +80,19 @@ runs = Table(
     Column("started_at", Float, nullable=True),
     Column("updated_at", Float, nullable=False),
     Column("finished_at", Float, nullable=True),
+    # -- schema version 2 --
+    # A child run records its parent's step, which its outcome completes.
+    Column("parent_id", String(255), nullable=True),
+    Column("parent_seq", Integer, nullable=True),
+    # 1 for the first attempt; retry() adds one (NULL in rows from version 1: 1).
+    Column("attempt", Integer, nullable=True),
+    # Steps of this incarnation are numbered from seq_base + 1 (continue-as-new).
+    Column("seq_base", Integer, nullable=True),
+    Column("cancel_requested", Boolean, nullable=True),
+    # The turn that delivered the cancellation, for replay.
+    Column("cancel_turn", Integer, nullable=True),
+    # workflow.set_status() values.
+    Column("progress", JSON, nullable=True),
     Index("ix_durable_runs_status_updated", "status", "updated_at"),
     Index("ix_durable_runs_workflow_created", "workflow", "created_at"),
 )
@@ -86,7 +123,26 @@ steps = Table(
     Column("completed_at", Float, nullable=True),
     Column("observed_turn", Integer, nullable=True),
     Column("observed_at", Float, nullable=True),
+    # -- schema version 2 --
+    # The run a "child" step started.
+    Column("child_id", String(255), nullable=True),
+    # Timers are SCHEDULED with dispatched_at = their deadline, so this index finds the
+    # due ones as well as stale messages.
     Index("ix_durable_steps_state_dispatched", "state", "dispatched_at"),
+)
+
+signals = Table(
+    "durable_signals",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(255), nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("content_type", String(128), nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
+    # The signal-wait step that received it; NULL while buffered.
+    Column("consumed_seq", Integer, nullable=True),
+    Index("ix_durable_signals_run_name", "run_id", "name", "consumed_seq"),
 )
 
 workers = Table(

@@ -28,16 +28,17 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     or_,
     select,
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, IntegrityError, OperationalError, SQLAlchemyError
 
 from . import _schema as s
 from ._codec import ErrorInfo
-from .errors import DurableError, StoreUnavailableError, WorkflowNotFoundError
+from .errors import DurableError, SignalError, StoreUnavailableError, WorkflowNotFoundError
 
 __all__ = [
     "CLAIMED",
@@ -57,11 +58,14 @@ logger = logging.getLogger(__name__)
 
 # Run statuses (Celery's names where the meaning matches).
 PENDING, RUNNING, SUCCESS, FAILURE, STUCK = "PENDING", "RUNNING", "SUCCESS", "FAILURE", "STUCK"
+CANCELLED, TERMINATED = "CANCELLED", "TERMINATED"
 ACTIVE = (PENDING, RUNNING)
-FINISHED = (SUCCESS, FAILURE)
+FINISHED = (SUCCESS, FAILURE, CANCELLED, TERMINATED)
 
-# Step states.
+# Step states. CANCELLED: nobody waits for the step any more.
 SCHEDULED, CLAIMED, DONE, DELIVERED = "SCHEDULED", "CLAIMED", "DONE", "DELIVERED"
+STEP_CANCELLED = "CANCELLED"
+OPEN_STEP_STATES = (SCHEDULED, CLAIMED, DONE)
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,8 @@ class NewRun:
     content_type: str
     input: bytes
     options: Mapping[str, Any] = field(default_factory=dict)
+    parent_id: str | None = None
+    parent_seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -92,11 +98,22 @@ class RunRecord:
     started_at: float | None
     updated_at: float
     finished_at: float | None
+    parent_id: str | None = None
+    parent_seq: int | None = None
+    attempt: int = 1
+    seq_base: int = 0
+    cancel_requested: bool = False
+    cancel_turn: int | None = None
+    progress: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
 class NewStep:
-    """A step a driver turn schedules."""
+    """A step a driver turn schedules.
+
+    Most steps start SCHEDULED; a local step starts DONE with its outcome, a patch marker
+    DELIVERED. A timer's ``due`` is its deadline (UNIX seconds).
+    """
 
     seq: int
     kind: str
@@ -104,6 +121,51 @@ class NewStep:
     content_type: str
     input: bytes
     dispatch_id: str
+    state: str = SCHEDULED
+    result: bytes | None = None
+    error: ErrorInfo | None = None
+    due: float | None = None
+    child_id: str | None = None
+
+
+@dataclass
+class TurnWrite:
+    """Everything one driver turn records, committed together and fenced on ``turn``."""
+
+    turn: int
+    at: float
+    delivered: Sequence[int] = ()
+    new_steps: Sequence[NewStep] = ()
+    cancelled: Sequence[int] = ()
+    progress: Mapping[str, Any] | None = None
+    cancel_delivered: bool = False
+    status: str = RUNNING
+    result: tuple[str, bytes] | None = None
+    error: ErrorInfo | None = None
+    children: Sequence[NewRun] = ()
+    #: Continue-as-new: the new input; the run's history is cleared.
+    restart: tuple[str, bytes] | None = None
+
+
+@dataclass(frozen=True)
+class CancelledStep:
+    """A step a turn cancelled, with what is needed to stop it."""
+
+    seq: int
+    kind: str
+    dispatch_id: str
+    child_id: str | None
+
+
+@dataclass(frozen=True)
+class TurnCommitted:
+    """What a committed turn leaves the driver to do after the commit."""
+
+    #: Signal waits the commit matched with buffered signals: deliver in another turn.
+    ready_now: bool
+    cancelled: list[CancelledStep]
+    #: A finished child's parent, to wake: (run id, workflow, driver options).
+    parent: tuple[str, str, Mapping[str, Any]] | None
 
 
 @dataclass(frozen=True)
@@ -128,6 +190,7 @@ class StepRecord:
     observed_turn: int | None
     observed_at: float | None
     claimed_by: str | None
+    child_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -257,9 +320,38 @@ def _make_engine(url: str) -> Engine:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=20)
+        engine = create_engine(url, pool_size=5, max_overflow=20)
+        _ping_when_idle(engine)
     _engines.add(engine)
     return engine
+
+
+#: Seconds a pooled connection may sit unused before it is pinged at its next checkout.
+PING_AFTER_IDLE = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Check a pooled connection with a round trip only if it has been idle for a while.
+
+    ``pool_pre_ping`` pings at every checkout, one extra round trip per transaction on
+    the hot path. A connection that served a transaction a moment ago is alive; the ones
+    that die quietly (a server restart, an idle timeout) are the ones left unused.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(dbapi_connection: Any, record: Any) -> None:
+        record.info["durable_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        idle_since = record.info.get("durable_idle_since")
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            # The pool discards this connection and checks out a fresh one.
+            raise DisconnectionError(f"stale pooled connection: {exc}") from exc
 
 
 def _safe_url(url: str) -> str:
@@ -286,21 +378,47 @@ class Store:
 
     @contextmanager
     def _tx(self, readonly: bool = False) -> Iterator[Connection]:
+        if readonly and self.dialect == "postgresql":
+            # Every read-only method is one SELECT, which needs no BEGIN and COMMIT
+            # round trips around it to see one snapshot.
+            with self._autocommit() as conn:
+                yield conn
+            return
         self.ensure_schema()
         with self._fork_gate():
-            try:
-                conn = self.engine.connect()
-            except OperationalError as exc:
-                raise StoreUnavailableError(
-                    f"cannot reach the workflow store at {_safe_url(self.url)}: {exc.orig}. "
-                    "Check app.conf.durable_database_url and that the database server is "
-                    "running."
-                ) from exc
+            conn = self._connect()
             with conn:
                 if readonly:
                     conn = conn.execution_options(durable_readonly=True)
                 with conn.begin():
                     yield conn
+
+    @contextmanager
+    def _autocommit(self) -> Iterator[Connection]:
+        """A connection on which each statement commits by itself (PostgreSQL).
+
+        For methods whose statements need not commit together: one round trip per
+        statement instead of BEGIN, the statements and COMMIT. Each such method says why
+        its order of commits is safe. SQLite serialises writers anyway; there the
+        statements share one ordinary transaction.
+        """
+        if self.dialect != "postgresql":
+            with self._tx() as conn:
+                yield conn
+            return
+        self.ensure_schema()
+        with self._connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    def _connect(self) -> Connection:
+        try:
+            return self.engine.connect()
+        except OperationalError as exc:
+            raise StoreUnavailableError(
+                f"cannot reach the workflow store at {_safe_url(self.url)}: {exc.orig}. "
+                "Check app.conf.durable_database_url and that the database server is "
+                "running."
+            ) from exc
 
     def _fork_gate(self) -> AbstractContextManager[None]:
         # Only SQLite needs it: psycopg connections already ignore a fork.
@@ -350,6 +468,33 @@ class Store:
                     f"newer than this celery_durable understands ({s.SCHEMA_VERSION}); "
                     "upgrade celery_durable on this machine"
                 )
+            elif int(row) < s.SCHEMA_VERSION:
+                self._upgrade(conn, int(row))
+
+    def _upgrade(self, conn: Connection, version: int) -> None:
+        """Bring a store from ``version`` to the current schema, in this transaction."""
+        # Lock the version row so that processes starting together upgrade once.
+        locked = select(s.meta.c.value).where(s.meta.c.key == "schema_version")
+        if self.dialect == "postgresql":
+            locked = locked.with_for_update()
+        version = int(conn.execute(locked).scalar_one())
+        existing = {
+            table: {c["name"] for c in inspect(conn).get_columns(table)}
+            for table in ("durable_runs", "durable_steps")
+        }
+        for target in range(version + 1, s.SCHEMA_VERSION + 1):
+            for table, column in s.ADDED_COLUMNS.get(target, []):
+                if column in existing[table]:
+                    continue
+                col = s.metadata.tables[table].c[column]
+                kind = col.type.compile(dialect=self.engine.dialect)
+                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            logger.warning("upgraded the workflow store to schema version %d", target)
+        conn.execute(
+            update(s.meta)
+            .where(s.meta.c.key == "schema_version")
+            .values(value=str(s.SCHEMA_VERSION))
+        )
 
     def dispose(self) -> None:
         """Close every pooled connection."""
@@ -365,21 +510,7 @@ class Store:
                 exists = conn.execute(select(s.runs.c.id).where(s.runs.c.id == new.id)).first()
                 if exists:
                     return False
-                conn.execute(
-                    insert(s.runs).values(
-                        id=new.id,
-                        workflow=new.workflow,
-                        status=PENDING,
-                        turn=0,
-                        wake_pending=True,
-                        woken_at=now,
-                        content_type=new.content_type,
-                        input=new.input,
-                        options=dict(new.options),
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
+                conn.execute(insert(s.runs).values(**_run_row(new, now)))
                 return True
         except IntegrityError:
             return False  # a concurrent start of the same workflow id won
@@ -431,7 +562,11 @@ class Store:
 
     def begin_turn(self, run_id: str) -> TurnStart | None:
         """Take the run's pending wake and read the outcomes not yet delivered."""
-        with self._tx() as conn:
+        # The flag is cleared (and committed) before the outcomes are read, and
+        # record_outcome commits an outcome before it looks at the flag: so either this
+        # read sees the outcome, or the flag was already clear and the recorder sends a
+        # new wake. Nothing here needs to commit together.
+        with self._autocommit() as conn:
             conn.execute(
                 update(s.runs)
                 .where(and_(s.runs.c.id == run_id, s.runs.c.wake_pending.is_(True)))
@@ -447,76 +582,399 @@ class Store:
             )
             return TurnStart(_run(row), [_step(r) for r in outcomes])
 
-    def commit_turn(
-        self,
-        run_id: str,
-        turn: int,
-        delivered: Sequence[int],
-        new_steps: Sequence[NewStep],
-        at: float,
-        status: str = RUNNING,
-        result: tuple[str, bytes] | None = None,
-        error: ErrorInfo | None = None,
-    ) -> bool:
-        """Record turn ``turn + 1`` if the run is still at ``turn``; False if fenced out.
+    def commit_turn(self, run_id: str, write: TurnWrite) -> TurnCommitted | None:
+        """Record turn ``write.turn + 1`` if the run is still at ``write.turn``.
 
-        Marks ``delivered`` steps as delivered in this turn, inserts ``new_steps`` and sets
-        the run's status (and result or error when it finished).
+        Returns None when another turn moved the run first (nothing is written). In one
+        transaction: delivered steps are marked, new steps inserted (signal waits matched
+        with buffered signals), cancelled steps closed, child runs created, the run's
+        status, progress and result set, and a finished child's outcome recorded on its
+        parent's step.
         """
-        values: dict[str, Any] = {"turn": turn + 1, "status": status, "updated_at": at}
+        turn, at = write.turn, write.at
+        values: dict[str, Any] = {"turn": turn + 1, "status": write.status, "updated_at": at}
         if turn == 0:
             values["started_at"] = at
-        if status in FINISHED:
+        if write.status in FINISHED:
             values["finished_at"] = at
-        if result is not None:
-            values["content_type"], values["result"] = result
-        if error is not None:
-            values["error"] = error
+        if write.result is not None:
+            values["content_type"], values["result"] = write.result
+        if write.error is not None:
+            values["error"] = write.error
+        if write.cancel_delivered:
+            values["cancel_turn"] = turn + 1
         with self._tx() as conn:
-            moved = conn.execute(
+            row = conn.execute(
                 update(s.runs)
                 .where(
                     and_(s.runs.c.id == run_id, s.runs.c.turn == turn, s.runs.c.status.in_(ACTIVE))
                 )
                 .values(**values)
-            ).rowcount
-            if moved != 1:
+                .returning(
+                    s.runs.c.workflow,
+                    s.runs.c.parent_id,
+                    s.runs.c.parent_seq,
+                    s.runs.c.progress,
+                    s.runs.c.seq_base,
+                )
+            ).first()
+            if row is None:
                 conn.rollback()
-                return False
-            if delivered:
+                return None
+            if write.progress:
+                progress = {**(row.progress or {}), **write.progress}
+                conn.execute(update(s.runs).where(s.runs.c.id == run_id).values(progress=progress))
+            if write.delivered:
                 conn.execute(
                     update(s.steps)
                     .where(
                         and_(
                             s.steps.c.run_id == run_id,
-                            s.steps.c.seq.in_(list(delivered)),
+                            s.steps.c.seq.in_(list(write.delivered)),
                             s.steps.c.state == DONE,
                         )
                     )
                     .values(state=DELIVERED, observed_turn=turn + 1, observed_at=at)
                 )
-            if new_steps:
+            if write.new_steps:
                 conn.execute(
-                    insert(s.steps),
-                    [
-                        {
-                            "run_id": run_id,
-                            "seq": step.seq,
-                            "kind": step.kind,
-                            "name": step.name,
-                            "created_turn": turn + 1,
-                            "state": SCHEDULED,
-                            "dispatch_id": step.dispatch_id,
-                            "dispatched_at": at,
-                            "redispatches": 0,
-                            "attempts": 0,
-                            "content_type": step.content_type,
-                            "input": step.input,
-                        }
-                        for step in new_steps
-                    ],
+                    insert(s.steps), [_step_row(run_id, turn + 1, at, n) for n in write.new_steps]
                 )
-        return True
+            for child in write.children:
+                conn.execute(insert(s.runs).values(**_run_row(child, at)))
+            cancelled = self._cancel_steps(conn, run_id, write.cancelled, at)
+            # Matching reads every step of the run, so only a turn that adds a wait, or
+            # gives a cancelled wait's signal back, does it: a signal that finds its wait
+            # already there is matched by send_signal.
+            ready_now = False
+            if any(n.kind == "signal" for n in write.new_steps) or any(
+                c.kind == "signal" for c in cancelled
+            ):
+                ready_now = self._match_signals(conn, run_id, at)
+            parent = None
+            if write.status in FINISHED and row.parent_id is not None:
+                parent = self._complete_parent_step(conn, row.parent_id, row.parent_seq, write, at)
+            if write.restart is not None:
+                self._restart(conn, run_id, write.restart, at)
+        return TurnCommitted(ready_now=ready_now, cancelled=cancelled, parent=parent)
+
+    def _cancel_steps(
+        self, conn: Connection, run_id: str, seqs: Sequence[int], at: float
+    ) -> list[CancelledStep]:
+        if not seqs:
+            return []
+        rows = conn.execute(
+            update(s.steps)
+            .where(
+                and_(
+                    s.steps.c.run_id == run_id,
+                    s.steps.c.seq.in_(list(seqs)),
+                    s.steps.c.state.in_(OPEN_STEP_STATES),
+                )
+            )
+            .values(state=STEP_CANCELLED, completed_at=at)
+            .returning(s.steps.c.seq, s.steps.c.kind, s.steps.c.dispatch_id, s.steps.c.child_id)
+        ).all()
+        # A signal a cancelled wait had already taken goes back to the buffer for the next.
+        signal_seqs = [r.seq for r in rows if r.kind == "signal"]
+        if signal_seqs:
+            conn.execute(
+                update(s.signals)
+                .where(
+                    and_(s.signals.c.run_id == run_id, s.signals.c.consumed_seq.in_(signal_seqs))
+                )
+                .values(consumed_seq=None)
+            )
+        return [CancelledStep(r.seq, r.kind, r.dispatch_id, r.child_id) for r in rows]
+
+    def _match_signals(self, conn: Connection, run_id: str, at: float) -> bool:
+        """Give buffered signals to waiting steps of the same name, oldest to oldest."""
+        waits = conn.execute(
+            select(s.steps.c.seq, s.steps.c.name)
+            .where(
+                and_(
+                    s.steps.c.run_id == run_id,
+                    s.steps.c.kind == "signal",
+                    s.steps.c.state == SCHEDULED,
+                )
+            )
+            .order_by(s.steps.c.seq)
+        ).all()
+        if not waits:
+            return False
+        buffered = conn.execute(
+            select(s.signals)
+            .where(
+                and_(
+                    s.signals.c.run_id == run_id,
+                    s.signals.c.consumed_seq.is_(None),
+                    s.signals.c.name.in_({w.name for w in waits}),
+                )
+            )
+            .order_by(s.signals.c.id)
+        ).all()
+        matched = False
+        queues: dict[str, list[Any]] = {}
+        for signal in buffered:
+            queues.setdefault(signal.name, []).append(signal)
+        for wait in waits:
+            queue = queues.get(wait.name)
+            if not queue:
+                continue
+            signal = queue.pop(0)
+            conn.execute(
+                update(s.signals).where(s.signals.c.id == signal.id).values(consumed_seq=wait.seq)
+            )
+            conn.execute(
+                update(s.steps)
+                .where(and_(s.steps.c.run_id == run_id, s.steps.c.seq == wait.seq))
+                .values(
+                    state=DONE,
+                    outcome="ok",
+                    content_type=signal.content_type,
+                    result=signal.payload,
+                    completed_at=at,
+                )
+            )
+            matched = True
+        return matched
+
+    def _complete_parent_step(
+        self, conn: Connection, parent_id: str, parent_seq: int | None, write: TurnWrite, at: float
+    ) -> tuple[str, str, Mapping[str, Any]] | None:
+        values: dict[str, Any] = {"state": DONE, "completed_at": at}
+        if write.status == SUCCESS and write.result is not None:
+            values.update(outcome="ok", content_type=write.result[0], result=write.result[1])
+        else:
+            values.update(outcome="error", error=write.error or {})
+        moved = conn.execute(
+            update(s.steps)
+            .where(
+                and_(
+                    s.steps.c.run_id == parent_id,
+                    s.steps.c.seq == parent_seq,
+                    s.steps.c.state == SCHEDULED,
+                )
+            )
+            .values(**values)
+        ).rowcount
+        if not moved:
+            return None
+        return self._flag_wake(conn, parent_id, at)
+
+    def _flag_wake(
+        self, conn: Connection, run_id: str, at: float
+    ) -> tuple[str, str, Mapping[str, Any]] | None:
+        """Set the run's wake flag; returns what to publish if it was not already set."""
+        # The caller has just completed a step in this same transaction, which no driver
+        # can see before the commit. Hold the run's row until then: a driver clearing the
+        # flag meanwhile waits and reads the step afterwards. Without the lock it could
+        # clear the flag and read the steps in between (READ COMMITTED), miss the step,
+        # and the flag seen set here would promise a wake that never comes.
+        conn.execute(
+            select(s.runs.c.id).where(s.runs.c.id == run_id).with_for_update(key_share=True)
+        )
+        row = conn.execute(
+            update(s.runs)
+            .where(
+                and_(
+                    s.runs.c.id == run_id,
+                    s.runs.c.wake_pending.is_(False),
+                    s.runs.c.status.in_(ACTIVE),
+                )
+            )
+            .values(wake_pending=True, woken_at=at)
+            .returning(s.runs.c.workflow, s.runs.c.options)
+        ).first()
+        return None if row is None else (run_id, row.workflow, row.options or {})
+
+    def _restart(
+        self, conn: Connection, run_id: str, new_input: tuple[str, bytes], at: float
+    ) -> None:
+        top = conn.execute(
+            select(func.max(s.steps.c.seq)).where(s.steps.c.run_id == run_id)
+        ).scalar_one_or_none()
+        base = conn.execute(select(s.runs.c.seq_base).where(s.runs.c.id == run_id)).scalar_one()
+        conn.execute(delete(s.steps).where(s.steps.c.run_id == run_id))
+        conn.execute(
+            update(s.runs)
+            .where(s.runs.c.id == run_id)
+            .values(
+                status=PENDING,
+                turn=0,
+                content_type=new_input[0],
+                input=new_input[1],
+                # Steps of the new incarnation get numbers no message of the old one can
+                # carry, so a late outcome of an old step never lands on a new one.
+                seq_base=max(top or 0, base or 0),
+                started_at=None,
+                finished_at=None,
+                result=None,
+                error=None,
+                cancel_turn=None,
+                wake_pending=True,
+                woken_at=at,
+            )
+        )
+
+    # -- signals, timers, cancellation ----------------------------------------------------
+
+    def send_signal(
+        self, run_id: str, name: str, content_type: str, payload: bytes
+    ) -> tuple[str, str, Mapping[str, Any]] | None:
+        """Buffer a signal for a run and match it to a waiting step.
+
+        Returns the run to wake (id, workflow, options) when a wait took it.
+
+        Raises:
+            SignalError: the run does not exist or has finished.
+        """
+        at = _now()
+        with self._tx() as conn:
+            # Taking the run's row first orders this against a turn inserting a wait.
+            row = conn.execute(
+                update(s.runs)
+                .where(s.runs.c.id == run_id)
+                .values(updated_at=s.runs.c.updated_at)
+                .returning(s.runs.c.status, s.runs.c.workflow)
+            ).first()
+            if row is None:
+                raise SignalError(
+                    f"cannot signal {name!r} to workflow run {run_id!r}: no such run; check "
+                    "the workflow id"
+                )
+            if row.status not in (*ACTIVE, STUCK):
+                raise SignalError(
+                    f"cannot signal {name!r} to workflow {row.workflow}[{run_id}]: it has "
+                    f"finished ({row.status}); nothing would ever read the signal"
+                )
+            conn.execute(
+                insert(s.signals).values(
+                    run_id=run_id,
+                    name=name,
+                    content_type=content_type,
+                    payload=payload,
+                    created_at=at,
+                )
+            )
+            if self._match_signals(conn, run_id, at):
+                return self._flag_wake(conn, run_id, at)
+            return None
+
+    def fire_due_timers(self, limit: int = 1000) -> list[tuple[str, str, Mapping[str, Any]]]:
+        """Complete timers whose deadline has passed; returns the runs to wake."""
+        at = _now()
+        with self._tx() as conn:
+            due = (
+                select(s.steps.c.run_id, s.steps.c.seq)
+                .where(
+                    and_(
+                        s.steps.c.state == SCHEDULED,
+                        s.steps.c.dispatched_at <= at,
+                        s.steps.c.kind == "timer",
+                    )
+                )
+                .limit(limit)
+            )
+            if self.dialect == "postgresql":
+                due = due.with_for_update(skip_locked=True)
+            rows = conn.execute(due).all()
+            if not rows:
+                return []
+            fired: set[str] = set()
+            for run_id, seq in rows:
+                moved = conn.execute(
+                    update(s.steps)
+                    .where(
+                        and_(
+                            s.steps.c.run_id == run_id,
+                            s.steps.c.seq == seq,
+                            s.steps.c.state == SCHEDULED,
+                        )
+                    )
+                    .values(state=DONE, outcome="ok", completed_at=at)
+                ).rowcount
+                if moved:
+                    fired.add(run_id)
+            wakes = []
+            for run_id in sorted(fired):
+                wake = self._flag_wake(conn, run_id, at)
+                if wake is not None:
+                    wakes.append(wake)
+            return wakes
+
+    def request_cancel(
+        self, run_id: str, quiet: bool = False
+    ) -> tuple[str, str, Mapping[str, Any]] | None:
+        """Ask a run to cancel; returns it to wake (None if a wake is already pending).
+
+        With ``quiet`` (a parent cancelling its child), a finished or missing run is not
+        an error: there is simply nothing to do.
+
+        Raises:
+            WorkflowNotFoundError: no such run.
+            DurableError: the run has already finished.
+        """
+        at = _now()
+        with self._tx() as conn:
+            row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
+            if quiet and (row is None or row.status in FINISHED):
+                return None
+            if row is None:
+                raise WorkflowNotFoundError(f"no workflow run with id {run_id!r} to cancel")
+            if row.status in FINISHED:
+                raise DurableError(
+                    f"workflow {row.workflow}[{run_id}] has already finished ({row.status}); "
+                    "there is nothing to cancel"
+                )
+            if row.cancel_requested:
+                return None
+            conn.execute(
+                update(s.runs)
+                .where(s.runs.c.id == run_id)
+                .values(cancel_requested=True, updated_at=at)
+            )
+            return self._flag_wake(conn, run_id, at)
+
+    def terminate(
+        self, run_id: str, error: ErrorInfo
+    ) -> tuple[list[CancelledStep], tuple[str, str, Mapping[str, Any]] | None]:
+        """End a run now without running its code; returns its open steps and parent wake.
+
+        Raises:
+            WorkflowNotFoundError: no such run.
+            DurableError: the run has already finished.
+        """
+        at = _now()
+        with self._tx() as conn:
+            row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
+            if row is None:
+                raise WorkflowNotFoundError(f"no workflow run with id {run_id!r} to terminate")
+            if row.status in FINISHED:
+                raise DurableError(
+                    f"workflow {row.workflow}[{run_id}] has already finished ({row.status}); "
+                    "there is nothing to terminate"
+                )
+            conn.execute(
+                update(s.runs)
+                .where(s.runs.c.id == run_id)
+                .values(status=TERMINATED, error=error, finished_at=at, updated_at=at)
+            )
+            open_seqs = (
+                conn.execute(
+                    select(s.steps.c.seq).where(
+                        and_(s.steps.c.run_id == run_id, s.steps.c.state.in_(OPEN_STEP_STATES))
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            cancelled = self._cancel_steps(conn, run_id, list(open_seqs), at)
+            parent = None
+            if row.parent_id is not None:
+                write = TurnWrite(turn=row.turn, at=at, status=TERMINATED, error=error)
+                parent = self._complete_parent_step(conn, row.parent_id, row.parent_seq, write, at)
+            return cancelled, parent
 
     def park(self, run_id: str, turn: int, status: str, error: ErrorInfo) -> bool:
         """Stop a run at ``turn`` (without recording a new turn), keeping its history."""
@@ -554,7 +1012,12 @@ class Store:
                 conn.execute(
                     update(s.runs)
                     .where(s.runs.c.id == run_id)
-                    .values(status=RUNNING if run.turn else PENDING, error=None, updated_at=at)
+                    .values(
+                        status=RUNNING if run.turn else PENDING,
+                        error=None,
+                        updated_at=at,
+                        attempt=func.coalesce(s.runs.c.attempt, 1) + 1,
+                    )
                 )
                 return STUCK
             if run.status != FAILURE:
@@ -611,6 +1074,7 @@ class Store:
                 .values(
                     status=RUNNING if last > 1 else PENDING,
                     turn=last - 1,
+                    attempt=func.coalesce(s.runs.c.attempt, 1) + 1,
                     error=None,
                     finished_at=None,
                     updated_at=at,
@@ -621,7 +1085,14 @@ class Store:
     def dispatches_to_resend(self, run_id: str) -> list[Dispatch]:
         """Steps of a run scheduled but not yet claimed, for publishing after a retry."""
         with self._tx(readonly=True) as conn:
-            return _dispatches(conn, and_(s.steps.c.run_id == run_id, s.steps.c.state == SCHEDULED))
+            return _dispatches(
+                conn,
+                and_(
+                    s.steps.c.run_id == run_id,
+                    s.steps.c.state == SCHEDULED,
+                    s.steps.c.kind == "activity",
+                ),
+            )
 
     # -- the activity side ---------------------------------------------------------------
 
@@ -634,27 +1105,27 @@ class Store:
         ``retries``) may claim it again, a duplicate delivery may not.
         """
         at = _now()
-        with self._tx() as conn:
-            if self.dialect == "postgresql":
-                # Losing a claim in a database crash costs at worst one duplicate run of
-                # the step, so it need not wait for the disk.
-                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+        condition = and_(
+            s.steps.c.run_id == run_id,
+            s.steps.c.seq == seq,
+            s.steps.c.dispatch_id == dispatch_id,
+            or_(
+                s.steps.c.state == SCHEDULED,
+                and_(s.steps.c.state == CLAIMED, s.steps.c.claimed_retries < retries),
+            ),
+        )
+        if self.dialect == "postgresql":
+            # Losing a claim in a database crash costs at worst one duplicate run of the
+            # step, so its commit need not wait for the disk. This runs in the worker's
+            # consumer loop for every step message, so it is one statement in one round
+            # trip: the setting is made by the statement itself (``SET LOCAL`` would need
+            # a transaction of three). A row is only updated once every condition held,
+            # including the one that made the setting, so no claim waits for the disk.
+            condition = and_(condition, func.set_config("synchronous_commit", "off", True) == "off")
+        with self._autocommit() as conn:
             claimed = conn.execute(
                 update(s.steps)
-                .where(
-                    and_(
-                        s.steps.c.run_id == run_id,
-                        s.steps.c.seq == seq,
-                        s.steps.c.dispatch_id == dispatch_id,
-                        or_(
-                            s.steps.c.state == SCHEDULED,
-                            and_(
-                                s.steps.c.state == CLAIMED,
-                                s.steps.c.claimed_retries < retries,
-                            ),
-                        ),
-                    )
-                )
+                .where(condition)
                 .values(
                     state=CLAIMED,
                     claimed_by=worker,
@@ -684,7 +1155,7 @@ class Store:
         else:
             assert result is not None
             values.update(outcome="ok", content_type=result[0], result=result[1])
-        with self._tx() as conn:
+        with self._autocommit() as conn:
             recorded = conn.execute(
                 update(s.steps)
                 .where(
@@ -698,22 +1169,24 @@ class Store:
             ).rowcount
             if recorded != 1:
                 return False, False
-            # Read the flag under the run's row lock, held until this commits. Without it
-            # (PostgreSQL, READ COMMITTED) a driver could clear the flag and read the
-            # outcomes between this read and this commit: it would miss this outcome
-            # while this transaction counts on it, and the run would wait for the
-            # sweeper. With it, that driver's clear waits for this commit.
-            row = conn.execute(
-                select(s.runs.c.wake_pending, s.runs.c.status)
-                .where(s.runs.c.id == run_id)
-                .with_for_update(key_share=True)
-            ).first()
-            if row is None or row.wake_pending or row.status not in ACTIVE:
-                return True, False
-            conn.execute(
-                update(s.runs).where(s.runs.c.id == run_id).values(wake_pending=True, woken_at=at)
-            )
-            return True, True
+            # The outcome is committed before the flag is looked at. Were both in one
+            # transaction (PostgreSQL, READ COMMITTED), a driver could clear the flag and
+            # read the outcomes between this look and this commit: it would miss the
+            # outcome while this recorder counted on it, and the run would wait for the
+            # sweeper. Now a flag seen set belongs to a turn whose read comes later and
+            # sees the outcome; a flag seen clear is set here and a wake is sent.
+            wake = conn.execute(
+                update(s.runs)
+                .where(
+                    and_(
+                        s.runs.c.id == run_id,
+                        s.runs.c.wake_pending.is_(False),
+                        s.runs.c.status.in_(ACTIVE),
+                    )
+                )
+                .values(wake_pending=True, woken_at=at)
+            ).rowcount
+            return True, wake == 1
 
     def release_step(self, run_id: str, seq: int) -> Dispatch | None:
         """Give a claimed step a new dispatch id (its worker died); the caller republishes."""
@@ -823,6 +1296,9 @@ class Store:
                     and_(
                         s.steps.c.state == SCHEDULED,
                         s.steps.c.dispatched_at < now - older_than,
+                        # Timers, signal waits and children wait on purpose; only task
+                        # messages can be lost.
+                        s.steps.c.kind == "activity",
                     )
                 )
                 .limit(limit)
@@ -871,6 +1347,11 @@ class Store:
                         or_(
                             and_(s.runs.c.turn == 0, s.runs.c.updated_at < cutoff),
                             s.runs.c.id.in_(has_outcome),
+                            and_(
+                                s.runs.c.cancel_requested.is_(True),
+                                s.runs.c.cancel_turn.is_(None),
+                                s.runs.c.updated_at < cutoff,
+                            ),
                         ),
                     )
                 )
@@ -945,6 +1426,50 @@ def _dispatches(
     ]
 
 
+def _step_row(run_id: str, turn: int, at: float, step: NewStep) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "seq": step.seq,
+        "kind": step.kind,
+        "name": step.name,
+        "created_turn": turn,
+        "state": step.state,
+        "dispatch_id": step.dispatch_id,
+        "dispatched_at": step.due if step.due is not None else at,
+        "redispatches": 0,
+        "attempts": 0,
+        "content_type": step.content_type,
+        "input": step.input,
+        "outcome": None if step.state == SCHEDULED else ("error" if step.error else "ok"),
+        "result": step.result,
+        "error": step.error,
+        "completed_at": None if step.state == SCHEDULED else at,
+        "observed_turn": turn if step.state == DELIVERED else None,
+        "observed_at": at if step.state == DELIVERED else None,
+        "child_id": step.child_id,
+    }
+
+
+def _run_row(new: NewRun, at: float) -> dict[str, Any]:
+    return {
+        "id": new.id,
+        "workflow": new.workflow,
+        "status": PENDING,
+        "turn": 0,
+        "wake_pending": True,
+        "woken_at": at,
+        "content_type": new.content_type,
+        "input": new.input,
+        "options": dict(new.options),
+        "created_at": at,
+        "updated_at": at,
+        "parent_id": new.parent_id,
+        "parent_seq": new.parent_seq,
+        "attempt": 1,
+        "seq_base": 0,
+    }
+
+
 def _run(row: Any) -> RunRecord:
     return RunRecord(
         id=row.id,
@@ -960,6 +1485,13 @@ def _run(row: Any) -> RunRecord:
         started_at=row.started_at,
         updated_at=row.updated_at,
         finished_at=row.finished_at,
+        parent_id=row.parent_id,
+        parent_seq=row.parent_seq,
+        attempt=row.attempt or 1,
+        seq_base=row.seq_base or 0,
+        cancel_requested=bool(row.cancel_requested),
+        cancel_turn=row.cancel_turn,
+        progress=row.progress,
     )
 
 
@@ -983,4 +1515,5 @@ def _step(row: Any) -> StepRecord:
         observed_turn=row.observed_turn,
         observed_at=row.observed_at,
         claimed_by=row.claimed_by,
+        child_id=row.child_id,
     )

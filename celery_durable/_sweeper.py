@@ -10,6 +10,8 @@ Every worker runs a :class:`Sweeper` (started by the worker bootstep). Each pass
    whichever arrives first runs and the others are dropped;
 4. wakes active runs that have outcomes nobody delivered, or were never driven.
 
+Between passes it fires durable timers that are due, every ``durable_timer_interval``.
+
 Many workers may sweep at once: each item is taken by one of them in a fenced update.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 
@@ -134,15 +137,33 @@ class Sweeper:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
+    def fire_timers(self) -> int:
+        """Fire the durable timers that are due and wake their runs; returns how many."""
+        wakes = store_for(self.app).fire_due_timers()
+        if wakes:
+            with self.app.producer_or_acquire() as producer:
+                for run_id, workflow, options in wakes:
+                    publish_wake(self.app, workflow, run_id, options, producer=producer)
+        return len(wakes)
+
     def _loop(self) -> None:
         try:
             self.retry_stuck()
         except Exception:
             logger.exception("celery_durable sweeper: retrying stuck runs failed")
+        next_sweep = 0.0
         while not self._stop.is_set():
+            # Timers are checked often (their precision depends on it), the rest of the
+            # recovery every sweep interval.
             try:
-                self.sweep()
+                self.fire_timers()
             except Exception:
-                # The database or broker may be down for a while; keep trying.
-                logger.exception("celery_durable sweeper pass failed; will try again")
-            self._stop.wait(self.settings.sweep_interval)
+                logger.exception("celery_durable: firing timers failed; will try again")
+            if time.monotonic() >= next_sweep:
+                try:
+                    self.sweep()
+                except Exception:
+                    # The database or broker may be down for a while; keep trying.
+                    logger.exception("celery_durable sweeper pass failed; will try again")
+                next_sweep = time.monotonic() + self.settings.sweep_interval
+            self._stop.wait(min(self.settings.timer_interval, self.settings.sweep_interval))

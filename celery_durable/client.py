@@ -9,11 +9,16 @@ from typing import Any, Generic, TypeVar
 
 from celery import Celery, current_app
 
-from ._codec import decode_error
+from ._codec import decode_error, encode_error
 from ._config import settings_for, store_for
 from ._messages import publish_step, publish_wake, step_headers
 from ._store import FAILURE, FINISHED, STUCK, SUCCESS, RunRecord, Store
-from .errors import WorkflowFailedError, WorkflowTimeoutError
+from .errors import (
+    DurableError,
+    WorkflowFailedError,
+    WorkflowTerminatedError,
+    WorkflowTimeoutError,
+)
 
 __all__ = ["StepInfo", "WorkflowHandle"]
 
@@ -40,6 +45,7 @@ class StepInfo:
     task_id: str
     scheduled_at: datetime | None
     completed_at: datetime | None
+    child_id: str | None = None
 
 
 class WorkflowHandle(Generic[R]):
@@ -85,7 +91,7 @@ class WorkflowHandle(Generic[R]):
 
     @property
     def status(self) -> str:
-        """PENDING, RUNNING, SUCCESS, FAILURE or STUCK.
+        """PENDING, RUNNING, SUCCESS, FAILURE, CANCELLED, TERMINATED or STUCK.
 
         Raises:
             WorkflowNotFoundError: no run has this id.
@@ -120,7 +126,7 @@ class WorkflowHandle(Generic[R]):
         run = self._run()
         if run.status == SUCCESS:
             return self._value(run)
-        if run.status in (FAILURE, STUCK):
+        if run.status in (*FINISHED, STUCK):
             return self._exception(run)
         return None
 
@@ -193,7 +199,10 @@ class WorkflowHandle(Generic[R]):
         codec = settings_for(self.app).codec
         steps = []
         for record in self._store.history(self.id):
-            args, kwargs, _options = codec.loads(record.content_type, record.input)
+            decoded = codec.loads(record.content_type, record.input) if record.input else None
+            # Tasks and children have [args, kwargs, options]; timers, signal waits and
+            # patch markers have no input.
+            args, kwargs = (decoded[0], decoded[1]) if isinstance(decoded, list) else ([], {})
             result = None
             if record.outcome == "ok" and record.result is not None:
                 result = codec.loads(record.content_type, record.result)
@@ -211,6 +220,7 @@ class WorkflowHandle(Generic[R]):
                     task_id=record.dispatch_id,
                     scheduled_at=_dt(record.dispatched_at),
                     completed_at=_dt(record.completed_at),
+                    child_id=record.child_id,
                 )
             )
         return steps
@@ -230,8 +240,72 @@ class WorkflowHandle(Generic[R]):
             "started_at": _dt(run.started_at),
             "finished_at": _dt(run.finished_at),
             "steps": counts,
+            "status_values": dict(run.progress or {}),
+            "attempt": run.attempt,
+            "parent_id": run.parent_id,
+            "cancel_requested": run.cancel_requested,
             "error": run.error,
         }
+
+    def signal(self, name: str, payload: Any = None) -> None:
+        """Send signal ``name`` with ``payload`` to the run, from any process.
+
+        Inside the workflow, ``await workflow.wait_for_signal(name)`` returns the payload.
+        Signals sent before the wait are buffered; several of one name arrive in order.
+
+        Raises:
+            SignalError: the run has finished or does not exist.
+            WorkflowEncodeError: the payload cannot be encoded by the serializer.
+        """
+        content_type, data = settings_for(self.app).codec.dumps(
+            payload, f"the payload of signal {name!r} to workflow run {self.id}"
+        )
+        wake = self._store.send_signal(self.id, name, content_type, data)
+        if wake is not None:
+            publish_wake(self.app, wake[1], wake[0], wake[2])
+
+    def cancel(self) -> None:
+        """Cancel the run: ``asyncio.CancelledError`` is raised at its current await.
+
+        Its pending tasks are revoked (best effort) and child workflows cancelled. The
+        workflow may catch the error and compensate; it then ends as CANCELLED, or with
+        its own result if it returns one.
+
+        Raises:
+            DurableError: the run has already finished.
+        """
+        wake = self._store.request_cancel(self.id)
+        if wake is not None:
+            publish_wake(self.app, wake[1], wake[0], wake[2])
+
+    def terminate(self, reason: str = "terminated") -> None:
+        """End the run at once, without running workflow code; it becomes TERMINATED.
+
+        Pending tasks are revoked (best effort) and child workflows terminated too.
+
+        Raises:
+            DurableError: the run has already finished.
+        """
+        run = self._run()
+        error = encode_error(
+            WorkflowTerminatedError(f"workflow {run.workflow}[{self.id}] was terminated: {reason}")
+        )
+        cancelled, parent = self._store.terminate(self.id, error)
+        revoke = [c.dispatch_id for c in cancelled if c.kind == "activity"]
+        if revoke:
+            try:
+                self.app.control.revoke(revoke)
+            except Exception:  # best effort: a late outcome of such a step is dropped
+                pass
+        for step in cancelled:
+            if step.kind == "child" and step.child_id:
+                child: WorkflowHandle[Any] = WorkflowHandle(step.child_id, app=self.app)
+                try:
+                    child.terminate(reason)
+                except DurableError:
+                    pass  # already finished
+        if parent is not None:
+            publish_wake(self.app, parent[1], parent[0], parent[2])
 
     def retry(self) -> None:
         """Resume a STUCK run, or re-run the failed steps of a FAILED one.

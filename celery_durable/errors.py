@@ -9,15 +9,19 @@ from __future__ import annotations
 
 __all__ = [
     "ActivityError",
+    "ActivityTimeoutError",
     "DurableError",
     "NonDeterminismError",
     "NotInWorkflowError",
+    "SignalError",
     "StoreUnavailableError",
     "UnknownWorkflowError",
     "WorkflowAwaitError",
+    "WorkflowCancelledError",
     "WorkflowEncodeError",
     "WorkflowFailedError",
     "WorkflowNotFoundError",
+    "WorkflowTerminatedError",
     "WorkflowTimeoutError",
 ]
 
@@ -87,3 +91,19 @@ class ActivityError(DurableError):
 
 class WorkflowFailedError(DurableError):
     """A workflow failed with an exception that cannot be rebuilt in this process."""
+
+
+class ActivityTimeoutError(DurableError, TimeoutError):
+    """An activity run through ``workflow.execute`` exceeded one of its timeouts."""
+
+
+class WorkflowCancelledError(DurableError):
+    """The run was cancelled (``handle.cancel()``) and ended without a result."""
+
+
+class WorkflowTerminatedError(DurableError):
+    """The run was terminated (``handle.terminate(reason)``) without running its code."""
+
+
+class SignalError(DurableError):
+    """A signal could not be delivered: the run is finished or does not exist."""

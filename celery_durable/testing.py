@@ -46,6 +46,7 @@ def configure_embedded(app: Celery, database_url: str | None = None) -> Celery:
     app.conf.worker_hijack_root_logger = False
     app.conf.setdefault("durable_sweep_interval", 0.5)
     app.conf.setdefault("durable_stall_timeout", 1.0)
+    app.conf.setdefault("durable_timer_interval", 0.05)
     app.conf.setdefault("durable_worker_timeout", 2.0)
     if database_url is not None:
         app.conf.durable_database_url = database_url

@@ -15,7 +15,7 @@ Durability tests need two things from the code that runs in the worker:
   ``effects.log`` (opened ``O_APPEND``, so concurrent writers never interleave a line).
 * **Places where a worker can be killed at a known moment.** :func:`pause_once` blocks the
   first time a named point of a run is reached, after leaving a marker file the test waits
-  for; every later time (a replay, a re-run after the kill) it passes straight through.
+  for; once the test has killed that process, a replay or re-run passes straight through.
   Activities pause with ``hold=True``, workflow code between two awaits with
   ``pause_at=...``, and a driver between its commit and its publish when the file
   ``pause-publish`` names a step number (see :func:`_pausing_publish_step`).
@@ -60,11 +60,14 @@ def configure(app: Celery, env: Mapping[str, str]) -> Celery:
         worker_hijack_root_logger=True,
         worker_redirect_stdouts=False,
         task_acks_late=False,
+        worker_enable_remote_control=False,
     )
     return app
 
 
-app = configure(Celery("wfapp"), os.environ)
+#: The workers' app. In the pytest process (which imports this module for the workflow
+#: and task objects) it is not made the current app, so unit tests never see it.
+app = configure(Celery("wfapp", set_as_current="DURABLE_IT_DIR" in os.environ), os.environ)
 
 
 def _dir() -> Path:
@@ -77,20 +80,36 @@ def marker_path(directory: Path, run_id: str, point: str) -> Path:
 
 
 def pause_once(run_id: str, point: str) -> None:
-    """Block the first time ``point`` of ``run_id`` is reached (until killed); then pass.
+    """Block the first time ``point`` of ``run_id`` is reached, until killed.
 
     The marker holds the pid of the blocked process, so a test can kill just that one.
+    Reaching the point again (a replay, a re-run after the kill) passes once that process
+    is dead; while it lives, a concurrent duplicate (a driver turn the sweeper started
+    for the same run) waits too, so the kill finds the run exactly where it paused.
     """
     marker = marker_path(_dir(), run_id, point)
+    deadline = time.monotonic() + PAUSE_LIMIT
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
+        while time.monotonic() < deadline and _paused_process_alive(marker):
+            time.sleep(0.05)
         return
     with os.fdopen(fd, "w") as f:
         f.write(str(os.getpid()))
-    deadline = time.monotonic() + PAUSE_LIMIT
     while time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def _paused_process_alive(marker: Path) -> bool:
+    pid = marker.read_text()
+    if not pid:
+        return True  # just created; the pid is being written
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] not in "ZX"  # a zombie is dead too
 
 
 def _append_effect(line: str) -> None:
@@ -133,32 +152,41 @@ def decline(order_id: str) -> None:
 
 
 @durable_workflow
-async def sequential(n: int, hold_at: int = -1, pause_at: int = -1) -> int:
+async def sequential(n: int, hold: list[int] | None = None, pause_at: int = -1) -> int:
     """``n`` activities one after another, each adding to the previous result.
 
-    ``hold_at``: the activity of that index blocks (once). ``pause_at``: the workflow
-    code blocks (once) right after the result of that index arrived, mid-turn.
+    ``hold``: indexes whose activity blocks (once). ``pause_at``: the workflow code
+    blocks (once) right after the result of that index arrived, mid-turn.
     """
+    held = set(hold or ())
     total = 0
     for i in range(n):
-        total = await record.s(i, total, hold=(i == hold_at))
+        total = await record.s(i, total, hold=(i in held))
         if i == pause_at:
             pause_once(workflow.info().workflow_id, f"turn-after-{i}")
     return total
 
 
 @durable_workflow
-async def fan_out(n: int, hold: list[int] | None = None, pause_after_gather: bool = False) -> int:
+async def fan_out(
+    n: int,
+    hold: list[int] | None = None,
+    pause_after_gather: bool = False,
+    activity_queue: str | None = None,
+) -> int:
     """``n`` activities at once (``asyncio.gather``), then one more with their sum.
 
-    ``hold``: indexes whose activity blocks (once). ``pause_after_gather``: the workflow
-    code blocks (once) between the gather and the final await, mid-turn.
+    ``hold``: indexes whose activity blocks (once); ``n`` is the final one.
+    ``pause_after_gather``: the workflow code blocks (once) between the gather and the
+    final await, mid-turn. ``activity_queue``: route the activities there instead of the
+    default queue.
     """
     held = set(hold or ())
-    values = await asyncio.gather(*(record.s(i, hold=(i in held)) for i in range(n)))
+    options = {"queue": activity_queue} if activity_queue else {}
+    values = await asyncio.gather(*(record.s(i, hold=(i in held)).set(**options) for i in range(n)))
     if pause_after_gather:
         pause_once(workflow.info().workflow_id, "turn-after-gather")
-    return await record.s(n, sum(values))
+    return await record.s(n, sum(values), hold=(n in held)).set(**options)
 
 
 @durable_workflow
@@ -195,9 +223,10 @@ def _pausing_publish_step(app: Celery, name: str, args: Any, *rest: Any, **kw: A
     _publish_step(app, name, args, *rest, **kw)
 
 
-if not callable(_publish_step):  # pragma: no cover - guards a refactor of the driver
-    raise RuntimeError(
-        "celery_durable._driver no longer publishes through publish_step; update "
-        "integration_tests/wfapp.py so the commit-then-publish kill test still pauses there"
-    )
-_driver.publish_step = _pausing_publish_step  # type: ignore[assignment]
+if "DURABLE_IT_DIR" in os.environ:  # a test's worker, not the pytest process importing this
+    if not callable(_publish_step):  # pragma: no cover - guards a refactor of the driver
+        raise RuntimeError(
+            "celery_durable._driver no longer publishes through publish_step; update "
+            "integration_tests/wfapp.py so the commit-then-publish kill test still pauses there"
+        )
+    _driver.publish_step = _pausing_publish_step  # type: ignore[assignment]

@@ -244,12 +244,6 @@ async def awaits_a_workflow() -> Any:
     return await bare.s(1)
 
 
-@pytest.mark.usefixtures("worker")
-def test_awaiting_a_workflow_inside_a_workflow_is_refused(app: Celery) -> None:
-    with pytest.raises(WorkflowAwaitError, match="child workflows are not supported"):
-        awaits_a_workflow.delay().get(timeout=TIMEOUT)
-
-
 # -- settings -----------------------------------------------------------------------------
 
 

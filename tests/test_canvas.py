@@ -11,10 +11,10 @@ from celery import Signature, chain, chord, group
 
 import celery_durable  # noqa: F401 - installs Signature.__await__
 from celery_durable._commands import (
-    ActivityResolved,
     CompleteWorkflow,
     FailWorkflow,
     ScheduleActivity,
+    StepOutcome,
     WorkflowInfo,
 )
 from celery_durable._instance import WorkflowInstance
@@ -36,7 +36,7 @@ def test_awaiting_a_signature_schedules_its_task_and_returns_its_result() -> Non
     assert commands == [
         ScheduleActivity(1, "shop.charge", ("o-1", 1999), {"currency": "EUR"}, {}),
     ]
-    assert instance.activate([ActivityResolved(1, "r-1")], T0) == [CompleteWorkflow("r-1")]
+    assert instance.activate([StepOutcome(1, "r-1")], T0) == [CompleteWorkflow("r-1")]
 
 
 def test_routing_options_are_kept_and_per_message_options_dropped() -> None:
@@ -57,7 +57,7 @@ def test_equal_signatures_are_distinct_steps_in_gather() -> None:
 
     instance, commands = start(wf)
     assert [c.seq for c in commands if isinstance(c, ScheduleActivity)] == [1, 2]
-    outcomes = [ActivityResolved(1, "a"), ActivityResolved(2, "b")]
+    outcomes = [StepOutcome(1, "a"), StepOutcome(2, "b")]
     assert instance.activate(outcomes, T0) == [CompleteWorkflow(["a", "b"])]
 
 
@@ -69,15 +69,14 @@ def test_equal_signatures_are_distinct_steps_in_gather() -> None:
         pytest.param(lambda: chord([Signature("a")], Signature("b")), id="chord"),
     ],
 )
-def test_canvas_primitives_are_refused_with_advice(make: Any) -> None:
+def test_canvas_primitives_are_awaited_as_steps(make: Any) -> None:
+    # Every shape in detail: tests/test_canvas_walk.py and tests/test_canvas_celery.py.
     async def wf() -> Any:
         return await make()
 
-    _, [failed] = start(wf)
-    assert isinstance(failed, FailWorkflow)
-    assert isinstance(failed.error, WorkflowAwaitError)
-    assert "shop.checkout[run-1]" in str(failed.error)
-    assert "asyncio.gather" in str(failed.error)
+    _, [first, *_] = start(wf)
+    assert isinstance(first, ScheduleActivity)
+    assert first.name == "a"
 
 
 def test_a_signature_without_a_task_name_is_refused() -> None:

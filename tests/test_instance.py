@@ -12,11 +12,13 @@ import pytest
 
 from celery_durable import workflow
 from celery_durable._commands import (
-    ActivityResolved,
+    CancelStep,
     Command,
     CompleteWorkflow,
     FailWorkflow,
     ScheduleActivity,
+    StartTimer,
+    StepOutcome,
     WorkflowInfo,
 )
 from celery_durable._instance import WorkflowInstance, current_instance
@@ -45,12 +47,12 @@ def names(commands: list[Command]) -> list[tuple[int, str]]:
     return [(c.seq, c.name) for c in commands if isinstance(c, ScheduleActivity)]
 
 
-def ok(seq: int, value: Any = None) -> ActivityResolved:
-    return ActivityResolved(seq, value=value)
+def ok(seq: int, value: Any = None) -> StepOutcome:
+    return StepOutcome(seq, value=value)
 
 
-def err(seq: int, error: BaseException) -> ActivityResolved:
-    return ActivityResolved(seq, error=error)
+def err(seq: int, error: BaseException) -> StepOutcome:
+    return StepOutcome(seq, error=error)
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -176,7 +178,11 @@ def test_asyncio_wait_first_completed_sees_what_was_delivered() -> None:
 
     instance = make(wf)
     assert names(instance.activate([], T0)) == [(1, "fast"), (2, "slow")]
-    assert instance.activate([ok(2, "slow won")], T0) == [CompleteWorkflow(["slow won"])]
+    # The loser is cancelled, which cancels its step (a revoke for a task).
+    assert instance.activate([ok(2, "slow won")], T0) == [
+        CancelStep(1),
+        CompleteWorkflow(["slow won"]),
+    ]
 
 
 def test_outcome_of_a_cancelled_step_is_dropped() -> None:
@@ -451,13 +457,16 @@ def test_not_in_workflow_error_is_a_runtime_error() -> None:
 # -- I/O is refused inside workflow code --------------------------------------------------
 
 
-def test_sleep_with_a_delay_fails_the_workflow_with_workflow_await_error() -> None:
-    async def wf() -> None:
+def test_sleep_with_a_delay_is_a_durable_timer_step() -> None:
+    async def wf() -> str:
         await asyncio.sleep(5)
+        return "woke"
 
-    [failed] = make(wf).activate([], T0)
-    assert isinstance(failed, FailWorkflow)
-    assert isinstance(failed.error, WorkflowAwaitError)
+    instance = make(wf)
+    assert instance.activate([], T0) == [StartTimer(1, 5.0)]
+    assert instance.activate([ok(1, None)], T0 + timedelta(seconds=5)) == [
+        CompleteWorkflow("woke")
+    ]
 
 
 def test_run_in_executor_fails_the_workflow_with_workflow_await_error() -> None:
@@ -473,9 +482,11 @@ def test_run_in_executor_fails_the_workflow_with_workflow_await_error() -> None:
 def test_workflow_can_catch_workflow_await_error_and_carry_on() -> None:
     async def wf() -> Any:
         try:
-            await asyncio.sleep(1)
+            await asyncio.get_running_loop().run_in_executor(None, print, "hi")
         except WorkflowAwaitError:
             return await step("instead")
         return None
 
     assert names(make(wf).activate([], T0)) == [(1, "instead")]
+
+

@@ -166,7 +166,9 @@ def test_sleep_zero_is_allowed() -> None:
         ),
     ],
 )
-def test_timers_raise_workflow_await_error_inside_the_code(make_awaitable: Any) -> None:
+def test_timers_on_a_loop_without_a_workflow_raise_workflow_await_error(
+    make_awaitable: Any,
+) -> None:
     loop = WorkflowEventLoop()
 
     async def main() -> None:
@@ -176,8 +178,8 @@ def test_timers_raise_workflow_await_error_inside_the_code(make_awaitable: Any) 
 
     error = task.exception()
     assert isinstance(error, WorkflowAwaitError)
-    assert "asyncio.sleep" in str(error)
-    assert "activity" in str(error)
+    assert "durable timers" in str(error)
+    assert "workflow" in str(error)
 
 
 def test_call_later_raises_directly() -> None:

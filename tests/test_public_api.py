@@ -14,19 +14,24 @@ from celery_durable import client, errors, testing, workflow
 
 EXPORTS = [
     "ActivityError",
+    "ActivityTimeoutError",
     "DurableError",
     "DurableWorkflow",
     "NonDeterminismError",
     "NotInWorkflowError",
+    "RetryPolicy",
+    "SignalError",
     "StepInfo",
     "StoreUnavailableError",
     "UnknownWorkflowError",
     "WorkflowAwaitError",
+    "WorkflowCancelledError",
     "WorkflowEncodeError",
     "WorkflowFailedError",
     "WorkflowHandle",
     "WorkflowInfo",
     "WorkflowNotFoundError",
+    "WorkflowTerminatedError",
     "WorkflowTimeoutError",
     "durable_workflow",
     "workflow",
@@ -45,7 +50,20 @@ def test_every_export_exists() -> None:
 
 
 def test_workflow_helpers_are_pinned() -> None:
-    assert workflow.__all__ == ["info", "now", "random", "uuid4"]
+    assert workflow.__all__ == [
+        "RetryPolicy",
+        "continue_as_new",
+        "execute",
+        "info",
+        "now",
+        "patched",
+        "random",
+        "set_status",
+        "sleep",
+        "step",
+        "uuid4",
+        "wait_for_signal",
+    ]
 
 
 def _public(module: ModuleType) -> list[tuple[str, Any]]:

@@ -13,11 +13,11 @@ import pytest
 from celery_durable import workflow
 from celery_durable._commands import (
     ACTIVITY,
-    ActivityResolved,
     Command,
     CompleteWorkflow,
     HistoryStep,
     ScheduleActivity,
+    StepOutcome,
     WorkflowInfo,
 )
 from celery_durable._instance import WorkflowInstance, current_instance
@@ -57,7 +57,7 @@ class Recording:
         return len(self.commands)
 
 
-def record(fn: Any, *args: Any, turns: Sequence[Sequence[ActivityResolved]]) -> Recording:
+def record(fn: Any, *args: Any, turns: Sequence[Sequence[StepOutcome]]) -> Recording:
     """Run ``fn`` live, one activation per entry of ``turns``, keeping history like a driver."""
     instance = make(fn, *args)
     rec = Recording()
@@ -76,8 +76,8 @@ def record(fn: Any, *args: Any, turns: Sequence[Sequence[ActivityResolved]]) -> 
     return rec
 
 
-def ok(seq: int, value: Any = None) -> ActivityResolved:
-    return ActivityResolved(seq, value=value)
+def ok(seq: int, value: Any = None) -> StepOutcome:
+    return StepOutcome(seq, value=value)
 
 
 # -- a faithful replay --------------------------------------------------------------------
@@ -182,7 +182,7 @@ def test_replay_of_a_delivered_error_raises_it_again_at_the_await() -> None:
             return await step("refund")
         return await step("ship")
 
-    error = ActivityResolved(1, error=ValueError("declined"))
+    error = StepOutcome(1, error=ValueError("declined"))
     rec = record(wf, turns=[[], [error]])
     instance = make(wf)
     replay(instance, rec.history, rec.turns, rec.turn_times)
@@ -208,7 +208,7 @@ def test_same_history_same_commands_after_replay() -> None:
 # -- code that changed under a running workflow -------------------------------------------
 
 
-def replay_changed(old: Any, new: Any, turns: Sequence[Sequence[ActivityResolved]]) -> str:
+def replay_changed(old: Any, new: Any, turns: Sequence[Sequence[StepOutcome]]) -> str:
     rec = record(old, turns=turns)
     with pytest.raises(NonDeterminismError) as caught:
         replay(make(new), rec.history, rec.turns, rec.turn_times)

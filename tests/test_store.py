@@ -24,6 +24,7 @@ from celery_durable._store import (
     NewRun,
     NewStep,
     Store,
+    TurnWrite,
 )
 from celery_durable.errors import DurableError, StoreUnavailableError, WorkflowNotFoundError
 
@@ -86,12 +87,36 @@ def new_steps(*names: str, first: int = 1) -> list[NewStep]:
     ]
 
 
+def commit(
+    store: Store,
+    run_id: str,
+    turn: int,
+    delivered: list[int],
+    steps: list[NewStep],
+    at: float,
+    status: str = _store.RUNNING,
+    result: tuple[str, bytes] | None = None,
+    error: dict[str, Any] | None = None,
+) -> bool:
+    """Commit a turn; True if it landed (the store returns None when fenced out)."""
+    write = TurnWrite(
+        turn=turn,
+        at=at,
+        delivered=delivered,
+        new_steps=steps,
+        status=status,
+        result=result,
+        error=error,
+    )
+    return store.commit_turn(run_id, write) is not None
+
+
 def start(store: Store, *names: str, run_id: str = "run-1") -> None:
     """Create a run and commit its first turn, which schedules ``names``."""
     create(store, run_id)
     begun = store.begin_turn(run_id)
     assert begun is not None and begun.run.turn == 0
-    assert store.commit_turn(run_id, 0, [], new_steps(*names), _store._now())
+    assert commit(store, run_id, 0, [], new_steps(*names), _store._now())
 
 
 def states(store: Store, run_id: str = "run-1") -> dict[int, str]:
@@ -179,7 +204,7 @@ def test_a_turn_delivers_outcomes_schedules_steps_and_finishes(store: Store, clo
     assert begun.new_outcomes[1].error == {"type": "KeyError"}
 
     at = clock.advance(5)
-    assert store.commit_turn("run-1", 1, [1, 2], [], at, SUCCESS, result=ok('"done"'))
+    assert commit(store, "run-1", 1, [1, 2], [], at, SUCCESS, result=ok('"done"'))
 
     run = store.require_run("run-1")
     assert (run.status, run.turn, run.result, run.finished_at) == (SUCCESS, 2, b'"done"', at)
@@ -194,7 +219,7 @@ def test_a_turn_delivers_outcomes_schedules_steps_and_finishes(store: Store, clo
 def test_a_failed_turn_keeps_the_error_and_the_history(store: Store) -> None:
     start(store, "charge")
     error = {"type": "ValueError", "module": "builtins", "message": "no", "args": ["no"]}
-    assert store.commit_turn("run-1", 1, [], [], T0, FAILURE, error=error)
+    assert commit(store, "run-1", 1, [], [], T0, FAILURE, error=error)
     run = store.require_run("run-1")
     assert (run.status, run.error, run.finished_at) == (FAILURE, error, T0)
     assert [h.name for h in store.history("run-1")] == ["charge"]
@@ -208,9 +233,9 @@ def test_commit_turn_is_fenced_on_the_turn(store: Store) -> None:
     start(store, "charge")
     store.record_outcome("run-1", 1, result=ok())
 
-    assert store.commit_turn("run-1", 1, [1], new_steps("ship", first=2), T0)
+    assert commit(store, "run-1", 1, [1], new_steps("ship", first=2), T0)
     # A second driver that read the run at turn 1 too: fenced out, writes nothing.
-    assert not store.commit_turn("run-1", 1, [1], new_steps("refund", first=2), T0, SUCCESS)
+    assert not commit(store, "run-1", 1, [1], new_steps("refund", first=2), T0, SUCCESS)
 
     run = store.require_run("run-1")
     assert (run.status, run.turn) == (RUNNING, 2)
@@ -226,12 +251,12 @@ def test_two_racing_commits_at_one_turn_exactly_one_wins(
     barrier = threading.Barrier(2)
     won: dict[str, bool] = {}
 
-    def commit(name: str, s: Store) -> None:
+    def race(name: str, s: Store) -> None:
         barrier.wait()
-        won[name] = s.commit_turn("run-1", 1, [1], new_steps(name, first=2), T0)
+        won[name] = commit(s, "run-1", 1, [1], new_steps(name, first=2), T0)
 
     threads = [
-        threading.Thread(target=commit, args=(name, s))
+        threading.Thread(target=race, args=(name, s))
         for name, s in (("ship", first), ("refund", second))
     ]
     for t in threads:
@@ -248,7 +273,7 @@ def test_two_racing_commits_at_one_turn_exactly_one_wins(
 def test_commit_turn_refuses_a_run_that_is_no_longer_active(store: Store) -> None:
     start(store, "charge")
     assert store.park("run-1", 1, STUCK, {"type": "NonDeterminismError"})
-    assert not store.commit_turn("run-1", 1, [], new_steps("x", first=2), T0)
+    assert not commit(store, "run-1", 1, [], new_steps("x", first=2), T0)
     assert not store.park("run-1", 1, STUCK, {"type": "again"})
     assert [h.seq for h in store.history("run-1")] == [1]
 
@@ -332,7 +357,7 @@ def test_only_the_first_outcome_while_no_wake_is_pending_asks_for_a_wake(store: 
 def test_a_pending_wake_from_create_run_coalesces_early_outcomes(store: Store) -> None:
     create(store)
     # Nothing has taken the wake that starting the run asked for.
-    assert store.commit_turn("run-1", 0, [], new_steps("a"), T0)
+    assert commit(store, "run-1", 0, [], new_steps("a"), T0)
     assert store.record_outcome("run-1", 1, result=ok()) == (True, False)
 
 
@@ -488,7 +513,7 @@ def test_runs_to_wake_finds_undelivered_outcomes_only(store: Store, clock: Clock
     store.record_outcome("has-outcome", 1, result=ok())
     store.record_outcome("finished", 1, result=ok())
     store.begin_turn("finished")
-    assert store.commit_turn("finished", 1, [1], [], T0, SUCCESS, result=ok())
+    assert commit(store, "finished", 1, [1], [], T0, SUCCESS, result=ok())
 
     clock.advance(11)
     assert [r.id for r in store.runs_to_wake(older_than=10)] == ["has-outcome"]
@@ -553,7 +578,7 @@ def test_resume_a_failed_run_rewinds_the_turn_that_failed(store: Store, clock: C
     store.record_outcome("run-1", 2, error={"type": "ValueError", "message": "b broke"})
     store.begin_turn("run-1")
     error = {"type": "ValueError", "message": "b broke"}
-    assert store.commit_turn("run-1", 1, [1, 2], [], clock.advance(1), FAILURE, error=error)
+    assert commit(store, "run-1", 1, [1, 2], [], clock.advance(1), FAILURE, error=error)
 
     clock.advance(1)
     assert store.resume("run-1") == FAILURE
@@ -575,7 +600,7 @@ def test_resume_a_failed_run_rewinds_the_turn_that_failed(store: Store, clock: C
 def test_resume_a_run_that_failed_in_its_first_turn(store: Store) -> None:
     create(store)
     store.begin_turn("run-1")
-    assert store.commit_turn("run-1", 0, [], [], T0, FAILURE, error={"type": "TypeError"})
+    assert commit(store, "run-1", 0, [], [], T0, FAILURE, error={"type": "TypeError"})
     assert store.resume("run-1") == FAILURE
     run = store.require_run("run-1")
     assert (run.status, run.turn) == (PENDING, 0)
@@ -584,7 +609,7 @@ def test_resume_a_run_that_failed_in_its_first_turn(store: Store) -> None:
 def test_resume_refuses_a_failed_turn_that_scheduled_steps(store: Store) -> None:
     create(store)
     store.begin_turn("run-1")
-    assert store.commit_turn("run-1", 0, [], new_steps("a"), T0, FAILURE, error={"type": "E"})
+    assert commit(store, "run-1", 0, [], new_steps("a"), T0, FAILURE, error={"type": "E"})
     with pytest.raises(DurableError, match="cannot be rewound"):
         store.resume("run-1")
     assert store.require_run("run-1").status == FAILURE
@@ -595,7 +620,7 @@ def test_resume_refuses_runs_that_are_not_stuck_or_failed(store: Store, status: 
     start(store, "a")
     if status == SUCCESS:
         store.record_outcome("run-1", 1, result=ok())
-        assert store.commit_turn("run-1", 1, [1], [], T0, SUCCESS, result=ok())
+        assert commit(store, "run-1", 1, [1], [], T0, SUCCESS, result=ok())
     with pytest.raises(DurableError, match=f"run-1.*is {status}"):
         store.resume("run-1")
 

@@ -1,0 +1,171 @@
+"""The same Celery canvases run by plain Celery and made durable, side by side.
+
+    uv run python benchmarks/canvas_vs_celery.py [--repeat 3] [--pool prefork] [--concurrency 2]
+
+Three shapes from Celery's chord issues, each run as ``canvas.apply_async().get()`` by
+plain Celery (Redis broker, Redis result backend) and as
+``durable(canvas).apply_async().get()`` (same broker, PostgreSQL store, no result
+backend), on the same ``celery worker`` processes:
+
+* a chord of ``--width`` (1000) tasks with a summing body;
+* a chain of ``--chords`` (10) chords of ``--chord-width`` (100), each header task taking
+  the previous chord's result;
+* a 3-level nested chord: a chord of ``--fan`` (10) chords of 10 chords of 10 tasks.
+
+Warm-up first, then ``--repeat`` timed runs of each, interleaved; the medians and the
+ratio durable/celery are printed. Workers, databases and queue are those of
+``compare_celery.py`` (whose helpers this reuses), so read that script's notes too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from compare_celery import (  # noqa: E402 - the sibling script, importable once on the path
+    DEFAULT_BROKER,
+    DEFAULT_QUEUE,
+    DEFAULT_RESULT,
+    DEFAULT_STORE,
+    Workers,
+    ensure_database,
+    forget_benchmark_runs,
+    timed,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per row (median)")
+    parser.add_argument("--pool", default="prefork", help="worker pool: prefork, threads, solo")
+    parser.add_argument("--concurrency", type=int, default=2, help="pool size per worker")
+    parser.add_argument("--workers", type=int, default=1, help="celery worker processes")
+    parser.add_argument("--width", type=int, default=1000, help="header size of the chord")
+    parser.add_argument("--chords", type=int, default=10, help="chords in the chain")
+    parser.add_argument("--chord-width", type=int, default=100, help="header size of each")
+    parser.add_argument("--fan", type=int, default=10, help="fan-out at each nested level")
+    parser.add_argument("--store-url", default=DEFAULT_STORE, help="durable_database_url")
+    parser.add_argument("--broker-url", default=DEFAULT_BROKER, help="broker of both sides")
+    parser.add_argument("--result-url", default=DEFAULT_RESULT, help="Celery result backend")
+    parser.add_argument("--queue", default=DEFAULT_QUEUE, help="queue of every message")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run at most")
+    parser.add_argument("--loglevel", default="WARNING", help="worker log level")
+    parser.add_argument("--log-dir", help="keep the worker logs here (default: a temp dir)")
+    return parser.parse_args(argv)
+
+
+def shapes(bench: Any, args: argparse.Namespace) -> list[tuple[str, Callable[[], Any], Any]]:
+    """``(name, make canvas, expected result)`` of each row."""
+    from celery import chain, chord
+
+    add_one, total = bench.add_one, bench.total
+
+    def a_chord() -> Any:
+        return chord([add_one.s(i) for i in range(args.width)], total.s())
+
+    def chain_of_chords() -> Any:
+        chords = [
+            chord([add_one.s() for _ in range(args.chord_width)], total.s())
+            for _ in range(args.chords)
+        ]
+        return chain(add_one.s(0), *chords)
+
+    chained = 1
+    for _ in range(args.chords):
+        chained = args.chord_width * (chained + 1)
+
+    def nested() -> Any:
+        fan = args.fan
+
+        def level(depth: int) -> Any:
+            if depth == 0:
+                return [add_one.s(i) for i in range(fan)]
+            return [chord(level(depth - 1), total.s()) for _ in range(fan)]
+
+        return chord(level(2), total.s())
+
+    nested_total = args.fan**2 * sum(range(1, args.fan + 1))
+    return [
+        (f"chord of {args.width}", a_chord, sum(range(1, args.width + 1))),
+        (f"chain of {args.chords} chords of {args.chord_width}", chain_of_chords, chained),
+        (f"3-level nested chord ({args.fan}^3)", nested, nested_total),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    env = dict(
+        os.environ,
+        BENCH_BROKER_URL=args.broker_url,
+        BENCH_RESULT_URL=args.result_url,
+        BENCH_STORE_URL=args.store_url,
+        BENCH_QUEUE=args.queue,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
+    )
+    os.environ.update({k: env[k] for k in env if k.startswith("BENCH_")})
+    ensure_database(args.store_url)
+
+    import celery
+    import comparison_app as bench
+
+    from celery_durable._config import store_for
+    from celery_durable.canvas import CANVAS_WORKFLOW, durable
+
+    app = bench.app
+    app.set_current()
+    forget_benchmark_runs(store_for(app), [CANVAS_WORKFLOW])
+    app.control.purge()
+    timeout = args.timeout
+
+    def run_celery(make: Callable[[], Any]) -> Callable[[], Any]:
+        return lambda: make().apply_async().get(timeout=timeout)
+
+    def run_durable(make: Callable[[], Any]) -> Callable[[], Any]:
+        return lambda: durable(make()).apply_async(app=app).get(timeout=timeout)
+
+    rows = shapes(bench, args)
+    with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
+        log_dir = Path(args.log_dir or tmp)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with Workers(args, env, log_dir) as workers:
+            workers.wait_ready(app)
+            print(
+                f"workers: {args.workers} x celery worker -P {args.pool} -c {args.concurrency}"
+                f" | broker {args.broker_url} | results {args.result_url} | store "
+                f"{args.store_url} | Python {platform.python_version()}, Celery "
+                f"{celery.__version__}",
+                flush=True,
+            )
+            for _, make, expected in rows:  # warm-up
+                timed(run_durable(make), expected)
+                timed(run_celery(make), expected)
+            samples: list[tuple[list[float], list[float]]] = [([], []) for _ in rows]
+            for _ in range(args.repeat):
+                # Interleaved, so that a slow spell of the machine hits both sides.
+                for (name, make, expected), (d, c) in zip(rows, samples, strict=True):
+                    d.append(timed(run_durable(make), expected))
+                    c.append(timed(run_celery(make), expected))
+                    print(f"  {name}: durable {d[-1]:.3f} s, celery {c[-1]:.3f} s", flush=True)
+
+    print()
+    header = f"{'canvas':<32} {'durable s':>10} {'celery s':>10} {'ratio':>7}"
+    print(header)
+    print("-" * len(header))
+    for (name, _, _), (d, c) in zip(rows, samples, strict=True):
+        dm, cm = statistics.median(d), statistics.median(c)
+        print(f"{name:<32} {dm:>10.3f} {cm:>10.3f} {dm / cm:>6.2f}x")
+    print(f"(median of {args.repeat}; ratio = durable / celery, below 1 when durable is faster)")
+
+
+if __name__ == "__main__":
+    main()
