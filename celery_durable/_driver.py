@@ -411,6 +411,8 @@ class DriverTurn:
             return instance
         records = self.store.history(self.run_id)
         turn_times = {1: _utc(run.started_at or run.created_at)}
+        if run.cancel_turn is not None and run.cancel_at is not None:
+            turn_times[run.cancel_turn] = _utc(run.cancel_at)
         history = []
         for record in records:
             outcome = None

@@ -44,6 +44,7 @@ ADDED_COLUMNS: dict[int, list[tuple[str, str]]] = {
         ("durable_runs", "seq_base"),
         ("durable_runs", "cancel_requested"),
         ("durable_runs", "cancel_turn"),
+        ("durable_runs", "cancel_at"),
         ("durable_runs", "progress"),
         ("durable_steps", "child_id"),
     ],
@@ -89,8 +90,9 @@ runs = Table(
     # Steps of this incarnation are numbered from seq_base + 1 (continue-as-new).
     Column("seq_base", Integer, nullable=True),
     Column("cancel_requested", Boolean, nullable=True),
-    # The turn that delivered the cancellation, for replay.
+    # The turn that delivered the cancellation, and its time, for replay.
     Column("cancel_turn", Integer, nullable=True),
+    Column("cancel_at", Float, nullable=True),
     # workflow.set_status() values.
     Column("progress", JSON, nullable=True),
     Index("ix_durable_runs_status_updated", "status", "updated_at"),

@@ -104,6 +104,7 @@ class RunRecord:
     seq_base: int = 0
     cancel_requested: bool = False
     cancel_turn: int | None = None
+    cancel_at: float | None = None
     progress: Mapping[str, Any] | None = None
 
 
@@ -603,6 +604,7 @@ class Store:
             values["error"] = write.error
         if write.cancel_delivered:
             values["cancel_turn"] = turn + 1
+            values["cancel_at"] = at
         with self._tx() as conn:
             row = conn.execute(
                 update(s.runs)
@@ -812,6 +814,8 @@ class Store:
                 result=None,
                 error=None,
                 cancel_turn=None,
+                cancel_at=None,
+                cancel_requested=None,
                 wake_pending=True,
                 woken_at=at,
             )
@@ -1491,6 +1495,7 @@ def _run(row: Any) -> RunRecord:
         seq_base=row.seq_base or 0,
         cancel_requested=bool(row.cancel_requested),
         cancel_turn=row.cancel_turn,
+        cancel_at=row.cancel_at,
         progress=row.progress,
     )
 

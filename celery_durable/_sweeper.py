@@ -26,10 +26,11 @@ from collections.abc import Iterable
 
 from celery import Celery
 
+from ._codec import encode_error
 from ._config import settings_for, store_for
 from ._messages import publish_step, publish_wake, step_headers
-from ._store import Dispatch
-from .errors import DurableError
+from ._store import STUCK, Dispatch, RunRecord
+from .errors import DurableError, UnknownWorkflowError
 
 __all__ = ["Sweeper", "resend"]
 
@@ -89,14 +90,8 @@ class Sweeper:
         if runs:
             with self.app.producer_or_acquire() as producer:
                 for run in runs:
-                    if run.turn == 0 and run.workflow not in self.app.tasks:
-                        logger.error(
-                            "workflow run %s has not started: this worker does not know the "
-                            "workflow %r. Make sure the workers import the module that "
-                            "defines it (Celery's `imports`/`include`, or autodiscovery).",
-                            run.id,
-                            run.workflow,
-                        )
+                    if run.workflow not in self.app.tasks and self._park_unknown(run):
+                        continue
                     publish_wake(self.app, run.workflow, run.id, run.options, producer=producer)
                     woken += 1
         if released or stale or woken:
@@ -108,6 +103,29 @@ class Sweeper:
                 woken,
             )
         return {"released": released, "stale": stale, "woken": woken}
+
+    def _park_unknown(self, run: RunRecord) -> bool:
+        """Park a run no worker seems able to drive (its module fails to import?).
+
+        Wakes for it have gone unanswered for a while and this worker does not know the
+        workflow either: rather than waking it forever, park it as STUCK with the reason.
+        Workers retry STUCK runs when they start, so it resumes once fixed code is deployed.
+        """
+        message = (
+            f"workflow {run.workflow}[{run.id}] is not making progress and this worker "
+            f"does not know the workflow {run.workflow!r}: make sure the workers import "
+            "the module that defines it (Celery's `imports`/`include`, or autodiscovery) "
+            "and that the module imports without errors"
+        )
+        stalled_for = time.time() - run.updated_at
+        if stalled_for < 3 * self.settings.stall_timeout:
+            logger.error("%s", message)
+            return False
+        error = encode_error(UnknownWorkflowError(message))
+        if store_for(self.app).park(run.id, run.turn, STUCK, error):
+            logger.error("%s; parked as STUCK", message)
+            return True
+        return False
 
     def retry_stuck(self) -> int:
         """Wake STUCK runs once (new code may have fixed them); returns how many."""
