@@ -12,9 +12,11 @@ backend), on the same ``celery worker`` processes:
   the previous chord's result;
 * a 3-level nested chord: a chord of ``--fan`` (10) chords of 10 chords of 10 tasks.
 
-Warm-up first, then ``--repeat`` timed runs of each, interleaved; the medians and the
-ratio durable/celery are printed. Workers, databases and queue are those of
-``compare_celery.py`` (whose helpers this reuses), so read that script's notes too.
+Warm-up first, then ``--repeat`` timed runs of each, interleaved; the medians of wall
+time and of CPU time (workers, store, Redis and client together, which a busy machine
+disturbs less) and the ratios durable/celery are printed. The workers and the app are those of
+``compare_celery.py`` (whose helpers this reuses); the queue and the store are this
+script's own, so both can run at once.
 """
 
 from __future__ import annotations
@@ -34,14 +36,19 @@ sys.path.insert(0, str(HERE))
 
 from compare_celery import (  # noqa: E402 - the sibling script, importable once on the path
     DEFAULT_BROKER,
-    DEFAULT_QUEUE,
     DEFAULT_RESULT,
     DEFAULT_STORE,
+    CpuMeter,
     Workers,
     ensure_database,
     forget_benchmark_runs,
     timed,
 )
+
+# A queue and a store of its own, so that it can run beside compare_celery.py: their workers
+# would take each other's messages, and their sweepers each other's runs.
+DEFAULT_QUEUE = "durable_canvas_bench"
+DEFAULT_CANVAS_STORE = DEFAULT_STORE.rsplit("/", 1)[0] + "/durable_canvas_bench"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chords", type=int, default=10, help="chords in the chain")
     parser.add_argument("--chord-width", type=int, default=100, help="header size of each")
     parser.add_argument("--fan", type=int, default=10, help="fan-out at each nested level")
-    parser.add_argument("--store-url", default=DEFAULT_STORE, help="durable_database_url")
+    parser.add_argument("--store-url", default=DEFAULT_CANVAS_STORE, help="durable_database_url")
     parser.add_argument("--broker-url", default=DEFAULT_BROKER, help="broker of both sides")
     parser.add_argument("--result-url", default=DEFAULT_RESULT, help="Celery result backend")
     parser.add_argument("--queue", default=DEFAULT_QUEUE, help="queue of every message")
@@ -146,25 +153,41 @@ def main(argv: list[str] | None = None) -> None:
                 f"{celery.__version__}",
                 flush=True,
             )
+            meter = CpuMeter(workers, args.store_url)
             for _, make, expected in rows:  # warm-up
-                timed(run_durable(make), expected)
-                timed(run_celery(make), expected)
-            samples: list[tuple[list[float], list[float]]] = [([], []) for _ in rows]
+                timed(run_durable(make), expected, meter)
+                timed(run_celery(make), expected, meter)
+            Sample = tuple[float, float]  # wall seconds, CPU seconds
+            samples: list[tuple[list[Sample], list[Sample]]] = [([], []) for _ in rows]
             for _ in range(args.repeat):
                 # Interleaved, so that a slow spell of the machine hits both sides.
                 for (name, make, expected), (d, c) in zip(rows, samples, strict=True):
-                    d.append(timed(run_durable(make), expected))
-                    c.append(timed(run_celery(make), expected))
-                    print(f"  {name}: durable {d[-1]:.3f} s, celery {c[-1]:.3f} s", flush=True)
+                    d.append(timed(run_durable(make), expected, meter))
+                    c.append(timed(run_celery(make), expected, meter))
+                    print(
+                        f"  {name}: durable {d[-1][0]:.3f} s ({d[-1][1]:.2f} s CPU), "
+                        f"celery {c[-1][0]:.3f} s ({c[-1][1]:.2f} s CPU)",
+                        flush=True,
+                    )
 
     print()
-    header = f"{'canvas':<32} {'durable s':>10} {'celery s':>10} {'ratio':>7}"
+    header = (
+        f"{'canvas':<32} {'durable s':>9} {'celery s':>9} {'ratio':>6} | "
+        f"{'durable CPU':>11} {'celery CPU':>10} {'ratio':>6}"
+    )
     print(header)
     print("-" * len(header))
     for (name, _, _), (d, c) in zip(rows, samples, strict=True):
-        dm, cm = statistics.median(d), statistics.median(c)
-        print(f"{name:<32} {dm:>10.3f} {cm:>10.3f} {dm / cm:>6.2f}x")
-    print(f"(median of {args.repeat}; ratio = durable / celery, below 1 when durable is faster)")
+        dw, cw = statistics.median(x[0] for x in d), statistics.median(x[0] for x in c)
+        dc, cc = statistics.median(x[1] for x in d), statistics.median(x[1] for x in c)
+        print(
+            f"{name:<32} {dw:>9.3f} {cw:>9.3f} {dw / cw:>5.2f}x | "
+            f"{dc:>11.2f} {cc:>10.2f} {dc / cc:>5.2f}x"
+        )
+    print(
+        f"(median of {args.repeat}; ratio = durable / celery, below 1 when durable is faster; "
+        "CPU = seconds of CPU all the processes involved spent, see compare_celery.CpuMeter)"
+    )
 
 
 if __name__ == "__main__":

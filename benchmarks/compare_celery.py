@@ -25,6 +25,7 @@ workflows are deleted at start.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -163,13 +164,82 @@ class Workers:
                 proc.wait()
 
 
-def timed(fn: Callable[[], Any], expected: Any) -> float:
+class CpuMeter:
+    """CPU seconds spent by everything a run uses, read from ``/proc`` (Linux).
+
+    Counts the worker processes and their pool children, the store's PostgreSQL backends
+    (those connected to its database), the Redis server, and this client. On a busy
+    machine wall time also measures the neighbours; CPU time mostly does not. Redis is
+    shared with whatever else uses it, so its share is approximate.
+    """
+
+    def __init__(self, workers: Workers, store_url: str) -> None:
+        from sqlalchemy.engine import make_url
+
+        self.workers = workers
+        self.database = make_url(store_url).database
+        self.postgres = make_url(store_url).get_backend_name() == "postgresql"
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.redis = [p for p in self._all_pids() if self._comm(p) == "redis-server"]
+
+    @staticmethod
+    def _all_pids() -> list[int]:
+        return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+    @staticmethod
+    def _comm(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            return ""
+
+    def _cpu(self, pid: int) -> float | None:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
+
+    def _pids(self) -> set[int]:
+        pids = set(self.redis)
+        for proc in self.workers.procs:
+            pids.add(proc.pid)
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            with contextlib.suppress(OSError):
+                pids.update(int(c) for c in children.read_text().split())
+        if self.postgres:
+            for pid in self._all_pids():
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if cmdline.startswith(b"postgres: ") and f" {self.database} ".encode() in cmdline:
+                    pids.add(pid)
+        return pids
+
+    def sample(self) -> dict[int, float]:
+        """CPU seconds so far, by process (this client under pid 0)."""
+        seen = {pid: self._cpu(pid) for pid in self._pids()}
+        counts = {pid: cpu for pid, cpu in seen.items() if cpu is not None}
+        counts[0] = time.process_time()
+        return counts
+
+    def since(self, before: dict[int, float]) -> float:
+        """CPU seconds spent since ``before`` (processes started since count in full)."""
+        after = self.sample()
+        return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+
+def timed(fn: Callable[[], Any], expected: Any, meter: CpuMeter) -> tuple[float, float]:
+    """Run ``fn``; returns its wall seconds and the CPU seconds everything spent on it."""
+    cpu = meter.sample()
     start = time.perf_counter()
     value = fn()
     elapsed = time.perf_counter() - start
+    spent = meter.since(cpu)
     if value != expected:
         raise AssertionError(f"got {value!r}, expected {expected!r}")
-    return elapsed
+    return elapsed, spent
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -243,37 +313,49 @@ def main(argv: list[str] | None = None) -> None:
                 f"{celery.__version__}",
                 flush=True,
             )
+            meter = CpuMeter(workers, args.store_url)
             sides = {"durable": args.only != "celery", "celery": args.only != "durable"}
             for _, _, run_durable, run_celery, expected in rows:  # warm-up
                 if sides["durable"]:
-                    timed(run_durable, expected)
+                    timed(run_durable, expected, meter)
                 if sides["celery"]:
-                    timed(run_celery, expected)
-            samples: list[tuple[list[float], list[float]]] = [([], []) for _ in rows]
+                    timed(run_celery, expected, meter)
+            skipped = (math.nan, math.nan)
+            samples: list[tuple[list[tuple[float, float]], list[tuple[float, float]]]] = [
+                ([], []) for _ in rows
+            ]
             for _ in range(args.repeat):
                 # Interleaved, so that a slow spell of the machine hits both sides.
                 for (_, _, run_durable, run_celery, expected), (d, c), key in zip(
                     rows, samples, keys, strict=True
                 ):
-                    d.append(timed(run_durable, expected) if sides["durable"] else math.nan)
+                    d.append(timed(run_durable, expected, meter) if sides["durable"] else skipped)
                     turns[key].append(last_turns.get(key, 0))
-                    c.append(timed(run_celery, expected) if sides["celery"] else math.nan)
-                    print(f"  {key}: durable {d[-1]:.3f} s, celery {c[-1]:.3f} s", flush=True)
+                    c.append(timed(run_celery, expected, meter) if sides["celery"] else skipped)
+                    print(
+                        f"  {key}: durable {d[-1][0]:.3f} s ({d[-1][1]:.2f} s CPU), "
+                        f"celery {c[-1][0]:.3f} s ({c[-1][1]:.2f} s CPU)",
+                        flush=True,
+                    )
 
     print()
-    header = f"{'durable workflow':<18} {'celery canvas':<15} {'durable s':>10} " \
-        f"{'celery s':>10} {'ratio':>7} {'turns':>6}"  # fmt: skip
+    header = (
+        f"{'durable workflow':<16} {'celery canvas':<14} {'durable s':>9} {'celery s':>9} "
+        f"{'ratio':>6} | {'durable CPU':>11} {'celery CPU':>10} {'ratio':>6} | {'turns':>5}"
+    )
     print(header)
     print("-" * len(header))
-    for (durable_name, celery_name, *_), (d, c), key in zip(
-        rows, samples, keys, strict=True
-    ):
-        dm, cm = statistics.median(d), statistics.median(c)
+    for (durable_name, celery_name, *_), (d, c), key in zip(rows, samples, keys, strict=True):
+        dw, cw = statistics.median(x[0] for x in d), statistics.median(x[0] for x in c)
+        dc, cc = statistics.median(x[1] for x in d), statistics.median(x[1] for x in c)
         print(
-            f"{durable_name:<18} {celery_name:<15} {dm:>10.3f} {cm:>10.3f} "
-            f"{dm / cm:>6.2f}x {statistics.median(turns[key]):>6.0f}"
+            f"{durable_name:<16} {celery_name:<14} {dw:>9.3f} {cw:>9.3f} {dw / cw:>5.2f}x | "
+            f"{dc:>11.2f} {cc:>10.2f} {dc / cc:>5.2f}x | {statistics.median(turns[key]):>5.0f}"
         )
-    print(f"(median of {args.repeat}; ratio = durable / celery; turns = driver turns per run)")
+    print(
+        f"(median of {args.repeat}; seconds of wall time, and CPU seconds of the workers, "
+        "the store's PostgreSQL backends, Redis and this client; turns = driver turns per run)"
+    )
 
 
 if __name__ == "__main__":

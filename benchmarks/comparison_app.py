@@ -85,16 +85,15 @@ def _start_profile(**_: Any) -> None:
     _profiler[0].enable()
 
 
-def _dump_profile(sender: Any = None, **_: Any) -> None:
+def _dump_profile(role: str) -> None:
     if _profiler:
         _profiler[0].disable()
-        role = "main" if sender is not None else "child"
         _profiler[0].dump_stats(os.path.join(PROFILE_DIR, f"{role}-{os.getpid()}.prof"))
 
 
-PROFILE_DIR = os.environ.get("BENCH_PROFILE_DIR")
+PROFILE_DIR = os.environ.get("BENCH_PROFILE_DIR") or ""
 if PROFILE_DIR:
     signals.worker_init.connect(_start_profile, weak=False)
-    signals.worker_shutdown.connect(_dump_profile, weak=False)
+    signals.worker_shutdown.connect(lambda **_: _dump_profile("main"), weak=False)
     signals.worker_process_init.connect(_start_profile, weak=False)
-    signals.worker_process_shutdown.connect(_dump_profile, weak=False)
+    signals.worker_process_shutdown.connect(lambda **_: _dump_profile("child"), weak=False)

@@ -113,6 +113,10 @@ if hasattr(os, "register_at_fork"):
 
 def store_for(app: Celery) -> Store:
     """The (process-wide, per-URL) store of ``app``."""
+    # A URL with a store was checked when the store was made: skip the checks then.
+    store = _stores.get(app.conf.get("durable_database_url") or DEFAULT_DATABASE_URL)
+    if store is not None:
+        return store
     url = settings_for(app).database_url
     store = _stores.get(url)
     if store is None:

@@ -42,7 +42,7 @@ from ._commands import (
 )
 from ._config import settings_for, store_for
 from ._instance import WorkflowInstance
-from ._messages import DRIVER_OPTION_KEYS, publish_step, publish_wake, step_headers
+from ._messages import DRIVER_OPTION_KEYS, batched, publish_step, publish_wake, step_headers
 from ._replay import replay
 from ._store import (
     ACTIVE,
@@ -69,26 +69,34 @@ logger = logging.getLogger(__name__)
 
 
 class InstanceCache:
-    """Suspended workflow instances of this process, least recently used evicted first."""
+    """Suspended workflow instances of this process, least recently used evicted first.
+
+    An instance is found again by run id, turn and incarnation: continue-as-new starts
+    the run over at turn 0 under the same id, so a turn number alone could hand a later
+    incarnation the coroutine of an earlier one (still cached by another process).
+    """
 
     def __init__(self) -> None:
-        self._items: OrderedDict[str, WorkflowInstance] = OrderedDict()
+        self._items: OrderedDict[str, tuple[int, WorkflowInstance]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def take(self, run_id: str, turn: int) -> WorkflowInstance | None:
-        """Remove and return the instance of ``run_id`` if it is exactly at ``turn``."""
+    def take(self, run_id: str, turn: int, incarnation: int = 0) -> WorkflowInstance | None:
+        """Remove and return the instance of ``run_id`` if it is exactly at ``turn`` of
+        ``incarnation`` (the run's ``seq_base``)."""
         with self._lock:
-            instance = self._items.pop(run_id, None)
-        if instance is not None and instance.turn == turn:
-            return instance
+            item = self._items.pop(run_id, None)
+        if item is not None and item[0] == incarnation and item[1].turn == turn:
+            return item[1]
         return None
 
-    def put(self, run_id: str, instance: WorkflowInstance, capacity: int) -> None:
-        """Keep ``instance`` for the next turn of ``run_id``."""
+    def put(
+        self, run_id: str, instance: WorkflowInstance, capacity: int, incarnation: int = 0
+    ) -> None:
+        """Keep ``instance`` (of ``incarnation``) for the next turn of ``run_id``."""
         if capacity <= 0:
             return
         with self._lock:
-            self._items[run_id] = instance
+            self._items[run_id] = (incarnation, instance)
             self._items.move_to_end(run_id)
             while len(self._items) > capacity:
                 self._items.popitem(last=False)
@@ -163,7 +171,7 @@ class DriverTurn:
         if run.turn > 0 and not start.new_outcomes and not cancel:
             return run.status, False  # a duplicate or coalesced wake: nothing new
 
-        instance = cache.take(self.run_id, run.turn)
+        instance = cache.take(self.run_id, run.turn, run.seq_base)
         # The turn's time; the first turn's becomes the run's start time, which replays
         # read back from the store, so the first execution must see the same value.
         at = time.time()
@@ -202,7 +210,7 @@ class DriverTurn:
             return None, False
 
         if not instance.finished:
-            cache.put(self.run_id, instance, self.settings.cache_size)
+            cache.put(self.run_id, instance, self.settings.cache_size, run.seq_base)
         self._publish(run, plan, committed)
         if write.status == FAILURE and write.error is not None:
             logger.info("%s failed: %s", self._label, write.error.get("message"))
@@ -362,7 +370,8 @@ class DriverTurn:
         to_revoke = [c.dispatch_id for c in committed.cancelled if c.kind == "activity"]
         if not (plan.activities or wakes or to_cancel or to_revoke):
             return
-        with self.app.producer_or_acquire() as producer:
+        count = len(plan.activities) + len(wakes)
+        with self.app.producer_or_acquire() as producer, batched(producer, count):
             if plan.activities:
                 headers = step_headers(self.run_id, 0, self.workflow, run.options)
                 for command, dispatch_id in plan.activities:

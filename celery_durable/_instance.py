@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import random
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from ._commands import (
     PATCH,
@@ -37,9 +38,12 @@ from ._commands import (
 from ._loop import WorkflowEventLoop
 from .errors import NotInWorkflowError, WorkflowAwaitError
 
-__all__ = ["ContinueAsNewRequest", "WorkflowInstance", "current_instance"]
+__all__ = ["MAX_TIMER_SECONDS", "ContinueAsNewRequest", "WorkflowInstance", "current_instance"]
 
 WorkflowFunction = Callable[..., Coroutine[Any, Any, Any]]
+
+#: The longest durable timer: longer is almost surely a unit mistake (or NaN/infinity).
+MAX_TIMER_SECONDS = 3650 * 24 * 3600.0
 
 
 class ContinueAsNewRequest(BaseException):
@@ -114,12 +118,17 @@ class WorkflowInstance:
 
     # -- called by workflow code (through the public helpers) ----------------------------
 
-    def _allocate(self, kind: str) -> int:
-        if self.replaying and kind != PATCH:
-            # A patch marker the code no longer asks about (a retired patch) keeps its
-            # place in history; step over it so later steps keep their numbers.
-            while self.recorded.get(self._next_seq, ("", ""))[0] == PATCH:
-                self._next_seq += 1
+    def _allocate(self, kind: str, patch_id: str | None = None) -> int:
+        # A patch marker the code no longer asks about (a retired patch) keeps its place
+        # in history; step over it so later steps keep their numbers. That holds after
+        # replay too, for a marker that was the last step recorded: its number is taken.
+        while True:
+            recorded = self.recorded.get(self._next_seq)
+            if recorded is None or recorded[0] != PATCH:
+                break
+            if self.replaying and recorded == (PATCH, patch_id):
+                break
+            self._next_seq += 1
         seq = self._next_seq
         self._next_seq += 1
         return seq
@@ -183,6 +192,14 @@ class WorkflowInstance:
         context: contextvars.Context | None,
     ) -> asyncio.TimerHandle:
         """Issue a :class:`StartTimer`; ``callback`` runs in the turn that sees it fire."""
+        delay = when - self.loop.time()
+        if not delay <= MAX_TIMER_SECONDS:  # also refuses NaN, which would never fire
+            raise ValueError(
+                f"workflow {self.info.name}[{self.info.workflow_id}]: a durable timer of "
+                f"{delay!r} s is not a duration a workflow can wait (NaN, infinite or more "
+                "than ten years); pass seconds (or a timedelta), not milliseconds or a "
+                "timestamp, and wait forever on a signal instead of an endless sleep"
+            )
         seq = self._allocate(StartTimer.kind)
         when = max(when, self.loop.time())
         handle = _DurableTimer(self, seq, when, callback, args, context)
@@ -200,15 +217,38 @@ class WorkflowInstance:
             return self._patches[patch_id]
         use = True
         if self.replaying:
-            use = self.recorded.get(self._next_seq) == (PATCH, patch_id)
+            # Markers of retired patches may come first: the code asks about this patch
+            # where it asked about them before.
+            seq = self._next_seq
+            while (
+                self.recorded.get(seq, ("", ""))[0] == PATCH and self.recorded[seq][1] != patch_id
+            ):
+                seq += 1
+            use = self.recorded.get(seq) == (PATCH, patch_id)
         if use:
-            self._issued.append(RecordPatch(self._allocate(PATCH), patch_id))
+            self._issued.append(RecordPatch(self._allocate(PATCH, patch_id), patch_id))
         self._patches[patch_id] = use
         return use
 
     def set_status(self, key: str, value: Any) -> None:
         """Issue a :class:`SetStatus`."""
         self._issued.append(SetStatus(key, value))
+
+    def continue_as_new(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> NoReturn:
+        """End the coroutine with a :class:`ContinueAsNewRequest` for these arguments.
+
+        Raises:
+            TypeError: the arguments do not fit the workflow function; checked here, where
+                the code can still handle it, because the new run could not even start.
+        """
+        try:
+            inspect.signature(self._fn).bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(
+                f"workflow {self.info.name}[{self.info.workflow_id}]: the arguments given to "
+                f"continue_as_new do not match {getattr(self._fn, '__name__', 'it')}: {exc}"
+            ) from None
+        raise ContinueAsNewRequest(tuple(args), kwargs)
 
     # -- called by the driver -----------------------------------------------------------
 

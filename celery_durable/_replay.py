@@ -67,13 +67,26 @@ def _check_turn(
     recorded: dict[int, HistoryStep],
 ) -> None:
     run = f"workflow {instance.info.name}[{instance.info.workflow_id}]"
+    # Code that raises while replaying (a broken import, a bug in a deploy) diverges
+    # because of it: say what it raised, since that is what needs fixing.
+    failed = next((c.error for c in commands if isinstance(c, FailWorkflow)), None)
+
+    def diverged(message: str) -> NonDeterminismError:
+        if failed is None:
+            return NonDeterminismError(message)
+        error = NonDeterminismError(
+            f"{message} Replaying it raised {type(failed).__name__}: {failed}"
+        )
+        error.__cause__ = failed
+        return error
+
     issued = {c.seq: c for c in commands if hasattr(c, "seq") and hasattr(c, "kind")}
     for seq, step in sorted(recorded.items()):
         command = issued.get(seq)
         if command is None:
             if step.kind == PATCH:
                 continue  # a retired patch
-            raise NonDeterminismError(
+            raise diverged(
                 f"{run}: replay of turn {turn} did not schedule step {seq}, which history "
                 f"records as {step.kind} {step.name!r}. The code changed under a running "
                 "workflow; restore the old path (or guard the change with "
@@ -81,7 +94,7 @@ def _check_turn(
             )
         kind, name = getattr(command, "kind"), getattr(command, "name")  # noqa: B009
         if kind != step.kind or name != step.name:
-            raise NonDeterminismError(
+            raise diverged(
                 f"{run}: step {seq} is {step.kind} {step.name!r} in history but the code "
                 f"now schedules {kind} {name!r} there. Deploy code that schedules the same "
                 "steps in the same order (or guard the change with workflow.patched()) "
@@ -89,14 +102,14 @@ def _check_turn(
             )
     for seq, command in sorted(issued.items()):
         if seq not in recorded:
-            raise NonDeterminismError(
+            raise diverged(
                 f"{run}: replay of turn {turn} scheduled step {seq} "
                 f"({getattr(command, 'kind')} {getattr(command, 'name')!r}), which history "  # noqa: B009
                 "does not have. The code changed under a running workflow; restore the old "
                 "path (or guard the change with workflow.patched()) and retry."
             )
     if any(isinstance(c, (CompleteWorkflow, FailWorkflow, ContinueAsNew)) for c in commands):
-        raise NonDeterminismError(
+        raise diverged(
             f"{run}: replay of turn {turn} finished the workflow, but history shows it "
             "continued. The code changed under a running workflow; restore the old path "
             "and retry the run."

@@ -20,9 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
+    Float,
+    Integer,
+    String,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -31,6 +36,7 @@ from sqlalchemy import (
     inspect,
     or_,
     select,
+    true,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -359,6 +365,123 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+class _HotStatements:
+    """The statements run for every step or turn, built once per store.
+
+    Building an SQLAlchemy statement and its cache key costs about as much client time
+    as executing it; these run several times per step, so they take their values as
+    bound parameters (``b_*``) instead of being built per call.
+    """
+
+    def __init__(self, no_disk_wait: ColumnElement[bool]) -> None:
+        steps, runs = s.steps.c, s.runs.c
+        run_id = bindparam("b_run", type_=String())
+        seq = bindparam("b_seq", type_=Integer())
+        at = bindparam("b_at", type_=Float())
+        retries = bindparam("b_retries", type_=Integer())
+        # Losing a claim in a database crash costs at worst one duplicate run of the
+        # step, so it need not wait for the disk. It runs in the worker's consumer loop
+        # for every step message: one statement, one round trip.
+        self.claim = (
+            update(s.steps)
+            .where(
+                and_(
+                    steps.run_id == run_id,
+                    steps.seq == seq,
+                    steps.dispatch_id == bindparam("b_dispatch"),
+                    or_(
+                        steps.state == SCHEDULED,
+                        and_(steps.state == CLAIMED, steps.claimed_retries < retries),
+                    ),
+                    no_disk_wait,
+                )
+            )
+            .values(
+                state=CLAIMED,
+                claimed_by=bindparam("b_worker"),
+                claimed_at=at,
+                claimed_retries=retries,
+                attempts=steps.attempts + 1,
+            )
+        )
+        open_step = and_(
+            steps.run_id == run_id, steps.seq == seq, steps.state.in_((SCHEDULED, CLAIMED))
+        )
+        self.record_ok = (
+            update(s.steps)
+            .where(open_step)
+            .values(
+                state=DONE,
+                completed_at=at,
+                outcome="ok",
+                content_type=bindparam("b_type"),
+                result=bindparam("b_result"),
+            )
+        )
+        self.record_error = (
+            update(s.steps)
+            .where(open_step)
+            .values(state=DONE, completed_at=at, outcome="error", error=bindparam("b_error"))
+        )
+        # Lost in a database crash, a set flag only delays the sweeper's wake.
+        self.flag_wake = (
+            update(s.runs)
+            .where(
+                and_(
+                    runs.id == run_id,
+                    runs.wake_pending.is_(False),
+                    runs.status.in_(ACTIVE),
+                    no_disk_wait,
+                )
+            )
+            .values(wake_pending=True, woken_at=at)
+        )
+        # A clear lost in a database crash leaves the flag set with no wake in flight;
+        # the sweeper wakes such a run.
+        self.take_wake = (
+            update(s.runs)
+            .where(and_(runs.id == run_id, no_disk_wait))
+            .values(wake_pending=False)
+            .returning(*s.runs.c)
+        )
+        self.outcomes = (
+            select(s.steps)
+            .where(and_(steps.run_id == run_id, steps.state == DONE))
+            .order_by(steps.seq)
+        )
+        self.status = select(runs.status).where(runs.id == run_id)
+        # The fenced update of a turn that only moves the run on (the usual one).
+        self.advance = (
+            update(s.runs)
+            .where(
+                and_(
+                    runs.id == run_id,
+                    runs.turn == bindparam("b_turn", type_=Integer()),
+                    runs.status.in_(ACTIVE),
+                )
+            )
+            .values(
+                turn=bindparam("b_next", type_=Integer()),
+                status=bindparam("b_status", type_=String()),
+                updated_at=at,
+            )
+            .returning(runs.workflow, runs.parent_id, runs.parent_seq, runs.progress, runs.seq_base)
+        )
+        self.deliver = (
+            update(s.steps)
+            .where(
+                and_(
+                    steps.run_id == run_id,
+                    steps.seq.in_(bindparam("b_seqs", expanding=True)),
+                    steps.state == DONE,
+                )
+            )
+            .values(
+                state=DELIVERED, observed_turn=bindparam("b_next", type_=Integer()), observed_at=at
+            )
+        )
+
+
 class Store:
     """Runs and steps in SQL. Thread-safe; one per database URL per process is enough.
 
@@ -373,6 +496,7 @@ class Store:
         self.dialect = self.engine.dialect.name
         self._ready = False
         self._ready_lock = threading.Lock()
+        self._hot = _HotStatements(self._no_disk_wait())
         _live_stores.add(self)
 
     # -- plumbing ------------------------------------------------------------------------
@@ -410,6 +534,20 @@ class Store:
         self.ensure_schema()
         with self._connect() as conn:
             yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    def _no_disk_wait(self) -> ColumnElement[bool]:
+        """A condition that is always true and lets its statement commit without waiting
+        for the disk (PostgreSQL; on SQLite it is just true).
+
+        For single statements on an :meth:`_autocommit` connection whose loss in a
+        database crash the sweeper repairs. ``SET LOCAL synchronous_commit`` would need a
+        transaction of three round trips; this makes the setting inside the statement. A
+        row is written only once every condition held, this one included, so no write of
+        the statement waits for the disk.
+        """
+        if self.dialect != "postgresql":
+            return true()
+        return func.set_config("synchronous_commit", "off", True) == "off"
 
     def _connect(self) -> Connection:
         try:
@@ -535,9 +673,7 @@ class Store:
     def get_status(self, run_id: str) -> str | None:
         """Just the status of a run (cheap, for polling)."""
         with self._tx(readonly=True) as conn:
-            return conn.execute(
-                select(s.runs.c.status).where(s.runs.c.id == run_id)
-            ).scalar_one_or_none()
+            return conn.execute(self._hot.status, {"b_run": run_id}).scalar_one_or_none()
 
     def list_runs(
         self, status: str | None = None, workflow: str | None = None, limit: int = 50
@@ -568,19 +704,10 @@ class Store:
         # read sees the outcome, or the flag was already clear and the recorder sends a
         # new wake. Nothing here needs to commit together.
         with self._autocommit() as conn:
-            conn.execute(
-                update(s.runs)
-                .where(and_(s.runs.c.id == run_id, s.runs.c.wake_pending.is_(True)))
-                .values(wake_pending=False)
-            )
-            row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
+            row = conn.execute(self._hot.take_wake, {"b_run": run_id}).first()
             if row is None:
                 return None
-            outcomes = conn.execute(
-                select(s.steps)
-                .where(and_(s.steps.c.run_id == run_id, s.steps.c.state == DONE))
-                .order_by(s.steps.c.seq)
-            )
+            outcomes = conn.execute(self._hot.outcomes, {"b_run": run_id})
             return TurnStart(_run(row), [_step(r) for r in outcomes])
 
     def commit_turn(self, run_id: str, write: TurnWrite) -> TurnCommitted | None:
@@ -605,21 +732,30 @@ class Store:
         if write.cancel_delivered:
             values["cancel_turn"] = turn + 1
             values["cancel_at"] = at
+        key = {"b_run": run_id, "b_turn": turn, "b_next": turn + 1, "b_at": at}
         with self._tx() as conn:
-            row = conn.execute(
-                update(s.runs)
-                .where(
-                    and_(s.runs.c.id == run_id, s.runs.c.turn == turn, s.runs.c.status.in_(ACTIVE))
+            if values.keys() == {"turn", "status", "updated_at"}:
+                advance = conn.execute(self._hot.advance, {**key, "b_status": write.status})
+            else:
+                advance = conn.execute(
+                    update(s.runs)
+                    .where(
+                        and_(
+                            s.runs.c.id == run_id,
+                            s.runs.c.turn == turn,
+                            s.runs.c.status.in_(ACTIVE),
+                        )
+                    )
+                    .values(**values)
+                    .returning(
+                        s.runs.c.workflow,
+                        s.runs.c.parent_id,
+                        s.runs.c.parent_seq,
+                        s.runs.c.progress,
+                        s.runs.c.seq_base,
+                    )
                 )
-                .values(**values)
-                .returning(
-                    s.runs.c.workflow,
-                    s.runs.c.parent_id,
-                    s.runs.c.parent_seq,
-                    s.runs.c.progress,
-                    s.runs.c.seq_base,
-                )
-            ).first()
+            row = advance.first()
             if row is None:
                 conn.rollback()
                 return None
@@ -627,17 +763,7 @@ class Store:
                 progress = {**(row.progress or {}), **write.progress}
                 conn.execute(update(s.runs).where(s.runs.c.id == run_id).values(progress=progress))
             if write.delivered:
-                conn.execute(
-                    update(s.steps)
-                    .where(
-                        and_(
-                            s.steps.c.run_id == run_id,
-                            s.steps.c.seq.in_(list(write.delivered)),
-                            s.steps.c.state == DONE,
-                        )
-                    )
-                    .values(state=DELIVERED, observed_turn=turn + 1, observed_at=at)
-                )
+                conn.execute(self._hot.deliver, {**key, "b_seqs": list(write.delivered)})
             if write.new_steps:
                 conn.execute(
                     insert(s.steps), [_step_row(run_id, turn + 1, at, n) for n in write.new_steps]
@@ -1108,37 +1234,16 @@ class Store:
         A step is claimed once per dispatch; a Celery retry of the same message (more
         ``retries``) may claim it again, a duplicate delivery may not.
         """
-        at = _now()
-        condition = and_(
-            s.steps.c.run_id == run_id,
-            s.steps.c.seq == seq,
-            s.steps.c.dispatch_id == dispatch_id,
-            or_(
-                s.steps.c.state == SCHEDULED,
-                and_(s.steps.c.state == CLAIMED, s.steps.c.claimed_retries < retries),
-            ),
-        )
-        if self.dialect == "postgresql":
-            # Losing a claim in a database crash costs at worst one duplicate run of the
-            # step, so its commit need not wait for the disk. This runs in the worker's
-            # consumer loop for every step message, so it is one statement in one round
-            # trip: the setting is made by the statement itself (``SET LOCAL`` would need
-            # a transaction of three). A row is only updated once every condition held,
-            # including the one that made the setting, so no claim waits for the disk.
-            condition = and_(condition, func.set_config("synchronous_commit", "off", True) == "off")
+        params = {
+            "b_run": run_id,
+            "b_seq": seq,
+            "b_dispatch": dispatch_id,
+            "b_retries": retries,
+            "b_worker": worker,
+            "b_at": _now(),
+        }
         with self._autocommit() as conn:
-            claimed = conn.execute(
-                update(s.steps)
-                .where(condition)
-                .values(
-                    state=CLAIMED,
-                    claimed_by=worker,
-                    claimed_at=at,
-                    claimed_retries=retries,
-                    attempts=s.steps.c.attempts + 1,
-                )
-            ).rowcount
-            return bool(claimed == 1)
+            return bool(conn.execute(self._hot.claim, params).rowcount == 1)
 
     def record_outcome(
         self,
@@ -1153,24 +1258,15 @@ class Store:
         is in flight, so the caller publishes one driver message for a burst of them.
         """
         at = _now()
-        values: dict[str, Any] = {"state": DONE, "completed_at": at}
+        key = {"b_run": run_id, "b_seq": seq, "b_at": at}
         if error is not None:
-            values.update(outcome="error", error=error)
+            record, values = self._hot.record_error, {**key, "b_error": error}
         else:
             assert result is not None
-            values.update(outcome="ok", content_type=result[0], result=result[1])
+            record = self._hot.record_ok
+            values = {**key, "b_type": result[0], "b_result": result[1]}
         with self._autocommit() as conn:
-            recorded = conn.execute(
-                update(s.steps)
-                .where(
-                    and_(
-                        s.steps.c.run_id == run_id,
-                        s.steps.c.seq == seq,
-                        s.steps.c.state.in_((SCHEDULED, CLAIMED)),
-                    )
-                )
-                .values(**values)
-            ).rowcount
+            recorded = conn.execute(record, values).rowcount
             if recorded != 1:
                 return False, False
             # The outcome is committed before the flag is looked at. Were both in one
@@ -1179,17 +1275,7 @@ class Store:
             # outcome while this recorder counted on it, and the run would wait for the
             # sweeper. Now a flag seen set belongs to a turn whose read comes later and
             # sees the outcome; a flag seen clear is set here and a wake is sent.
-            wake = conn.execute(
-                update(s.runs)
-                .where(
-                    and_(
-                        s.runs.c.id == run_id,
-                        s.runs.c.wake_pending.is_(False),
-                        s.runs.c.status.in_(ACTIVE),
-                    )
-                )
-                .values(wake_pending=True, woken_at=at)
-            ).rowcount
+            wake = conn.execute(self._hot.flag_wake, key).rowcount
             return True, wake == 1
 
     def release_step(self, run_id: str, seq: int) -> Dispatch | None:

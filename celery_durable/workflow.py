@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TypeVar
 from celery.canvas import Signature
 
 from ._commands import WorkflowInfo
-from ._instance import ContinueAsNewRequest, current_instance
+from ._instance import MAX_TIMER_SECONDS, current_instance
 from .errors import ActivityTimeoutError, WorkflowEncodeError
 
 __all__ = [
@@ -41,7 +41,7 @@ __all__ = [
 T = TypeVar("T")
 
 #: Longer than any sensible durable wait; a bigger value is almost surely a unit mistake.
-MAX_DURATION = timedelta(days=3650)
+MAX_DURATION = timedelta(seconds=MAX_TIMER_SECONDS)
 
 
 def _label() -> str:
@@ -149,9 +149,11 @@ def continue_as_new(*args: Any, **kwargs: Any) -> NoReturn:
 
     For endless loops (pollers, subscriptions): the history stays bounded. Buffered
     signals carry over to the new run.
+
+    Raises:
+        TypeError: the arguments do not fit the workflow function.
     """
-    current_instance("workflow.continue_as_new()")
-    raise ContinueAsNewRequest(args, kwargs)
+    current_instance("workflow.continue_as_new()").continue_as_new(args, kwargs)
 
 
 def patched(patch_id: str) -> bool:

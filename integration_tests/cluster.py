@@ -50,10 +50,12 @@ SETUPS = {
 
 #: Every setup (parametrize the ``cluster`` fixture with ``indirect=True``).
 ALL = list(SETUPS)
-#: Setups whose workers have prefork children to kill.
+#: The prefork setups: both brokers and both stores (and children to kill).
 PREFORK = [name for name, s in SETUPS.items() if s.pool == "prefork"]
-#: One setup per broker (for the broker-specific message-loss tests).
-ONE_PER_BROKER = ["redis-postgres-threads", "rabbitmq-sqlite-threads"]
+#: The thread-pool setups: both brokers and both stores.
+THREADS = [name for name, s in SETUPS.items() if s.pool == "threads"]
+#: One setup per broker, one per pool (for the broker-specific message-loss tests).
+ONE_PER_BROKER = ["redis-postgres-threads", "rabbitmq-postgres-prefork"]
 
 
 class Cluster:

@@ -6,12 +6,12 @@ import pytest
 
 from . import wfapp
 from .checks import RECORD, assert_side_effects
-from .cluster import ONE_PER_BROKER, Cluster
+from .cluster import PREFORK, THREADS, Cluster
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("cluster", ONE_PER_BROKER, indirect=True)
+@pytest.mark.parametrize("cluster", PREFORK, indirect=True)
 def test_awaiting_a_plain_object_fails_the_run_and_keeps_its_history(cluster: Cluster) -> None:
     cluster.worker()
     handle = wfapp.awaits_plain_object.apply_async(("o-1",), app=cluster.client)
@@ -33,7 +33,7 @@ def test_awaiting_a_plain_object_fails_the_run_and_keeps_its_history(cluster: Cl
     assert_side_effects(cluster, handle.id, [0], exactly={0: 1})
 
 
-@pytest.mark.parametrize("cluster", ONE_PER_BROKER, indirect=True)
+@pytest.mark.parametrize("cluster", THREADS, indirect=True)
 def test_failing_activity_fails_the_run_with_its_own_exception(cluster: Cluster) -> None:
     cluster.worker()
     handle = wfapp.declined_checkout.apply_async(("o-2",), app=cluster.client)

@@ -17,7 +17,7 @@ from .checks import (
     sequential_result,
     sequential_steps,
 )
-from .cluster import ALL, Cluster
+from .cluster import ALL, THREADS, Cluster
 
 pytestmark = pytest.mark.integration
 
@@ -26,8 +26,11 @@ pytestmark = pytest.mark.integration
 def test_sequential_run_survives_kill_mid_turn(cluster: Cluster) -> None:
     worker = cluster.worker()
     handle = wfapp.sequential.apply_async((20,), {"pause_at": 9}, app=cluster.client)
-    # The paused turn has read the outcome of step 10 (index 9) and not committed it.
     cluster.wait_for_pause(handle.id, "turn-after-9")
+    # The paused turn has read the outcome of step 10 (index 9) and not committed it.
+    steps = cluster.store.history(handle.id)
+    assert [s.state for s in steps[-2:]] == ["DELIVERED", "DONE"]
+    assert len(steps) == 10 and cluster.store.require_run(handle.id).turn == 10
 
     cluster.kill(worker)
     worker.restart()
@@ -39,12 +42,14 @@ def test_sequential_run_survives_kill_mid_turn(cluster: Cluster) -> None:
     assert_side_effects(cluster, handle.id, range(20), exactly=once_except(20))
 
 
-@pytest.mark.parametrize("cluster", ALL, indirect=True)
+@pytest.mark.parametrize("cluster", THREADS, indirect=True)
 def test_fan_out_survives_kill_mid_turn(cluster: Cluster) -> None:
     worker = cluster.worker()
     handle = wfapp.fan_out.apply_async((200,), {"pause_after_gather": True}, app=cluster.client)
-    # The paused turn has read the last outcomes of the gather and not committed them.
     cluster.wait_for_pause(handle.id, "turn-after-gather")
+    # The paused turn has read the last outcomes of the gather and not committed them.
+    steps = cluster.store.history(handle.id)
+    assert len(steps) == 200 and "DONE" in {s.state for s in steps}
 
     cluster.kill(worker)
     worker.restart()

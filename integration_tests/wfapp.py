@@ -33,6 +33,7 @@ from typing import Any
 from celery import Celery, shared_task
 
 import celery_durable._driver as _driver
+import celery_durable._sweeper as _sweeper
 from celery_durable import durable_workflow, workflow
 
 #: How long a pause lasts at most, so that a test whose kill went wrong ends anyway.
@@ -76,7 +77,8 @@ def _dir() -> Path:
 
 def marker_path(directory: Path, run_id: str, point: str) -> Path:
     """The file :func:`pause_once` leaves when ``point`` of ``run_id`` is first reached."""
-    return directory / f"paused-{run_id}-{point}"
+    # A child run's id is "<parent id>/<step>": keep the slash out of the file name.
+    return directory / f"paused-{run_id.replace('/', '_')}-{point}"
 
 
 def pause_once(run_id: str, point: str) -> None:
@@ -211,9 +213,11 @@ _publish_step = getattr(_driver, "publish_step", None)
 
 
 def _pausing_publish_step(app: Celery, name: str, args: Any, *rest: Any, **kw: Any) -> None:
-    """The driver's ``publish_step``, pausing (once per run) before publishing the step
-    whose number is in the file ``pause-publish``: that turn has committed, and the
-    messages of that step and every later one are not sent yet."""
+    """``publish_step``, pausing (once per run) before publishing the step whose number
+    is in the file ``pause-publish``: the driver's turn has committed, and the messages of
+    that step and every later one are not sent. The sweeper's re-sends pass here too and
+    wait while the paused driver lives, so no message of those steps leaves before the
+    test's kill."""
     flag = _dir() / PAUSE_PUBLISH_FILE
     if flag.exists():
         headers = kw.get("headers") if "headers" in kw else rest[3]
@@ -230,3 +234,5 @@ if "DURABLE_IT_DIR" in os.environ:  # a test's worker, not the pytest process im
             "integration_tests/wfapp.py so the commit-then-publish kill test still pauses there"
         )
     _driver.publish_step = _pausing_publish_step  # type: ignore[assignment]
+    if getattr(_sweeper, "publish_step", None) is _publish_step:
+        _sweeper.publish_step = _pausing_publish_step  # type: ignore[assignment]

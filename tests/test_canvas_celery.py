@@ -322,6 +322,19 @@ def test_dict_form_canvas_runs_like_the_signature(app: Celery, worker: WorkContr
     assert durable(as_dict).apply_async().get(timeout=30) == 7
 
 
+@durable_workflow
+async def doubled(x: int) -> int:
+    """A workflow used inside a canvas."""
+    return await add.s(x, x)  # type: ignore[no-any-return,misc]
+
+
+def test_a_workflow_in_a_canvas_runs_as_a_child_run(app: Celery, worker: WorkController) -> None:
+    handle = durable(chain(add.s(1, 2), doubled.s(), add.s(1))).apply_async()
+    assert handle.get(timeout=30) == 7
+    steps = [(step.kind, step.name) for step in handle.history]
+    assert steps == [("activity", add.name), ("child", doubled.name), ("activity", add.name)]
+
+
 def test_durable_refuses_what_is_not_a_canvas(app: Celery) -> None:
     with pytest.raises(TypeError, match="takes a Celery signature or canvas"):
         durable(42)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 from celery import Signature, chain, chord, group
-from celery.canvas import _chain, chunks, xstarmap
+from celery.canvas import _chain, chunks
 
 from celery_durable import canvas
 from celery_durable.canvas._shapes import (
@@ -15,7 +15,6 @@ from celery_durable.canvas._shapes import (
     chord_error_calls,
     copy_canvas,
     group_members,
-    task_names,
     to_data,
     yields_group,
 )
@@ -115,12 +114,6 @@ def test_chord_error_calls_follow_chord_error_from_stack() -> None:
     assert [c["request"]["task"] for c in calls] == ["x", "y"]
     assert [len(c["errbacks"]) for c in calls] == [2, 1]
     assert chord_error_calls(s("no errbacks")) == []
-
-
-def test_task_names_cover_headers_bodies_and_chunks() -> None:
-    sig = chain(s("a"), chord([s("b"), xstarmap(s("c"), [(1,)])], s("d")))
-    assert task_names(sig) == ["a", "b", "c", "d"]
-    assert task_names(chunks(s("e"), [(1,)], 1)) == ["e"]
 
 
 def test_the_canvas_module_exports_are_pinned_and_documented() -> None:

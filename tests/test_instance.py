@@ -464,9 +464,7 @@ def test_sleep_with_a_delay_is_a_durable_timer_step() -> None:
 
     instance = make(wf)
     assert instance.activate([], T0) == [StartTimer(1, 5.0)]
-    assert instance.activate([ok(1, None)], T0 + timedelta(seconds=5)) == [
-        CompleteWorkflow("woke")
-    ]
+    assert instance.activate([ok(1, None)], T0 + timedelta(seconds=5)) == [CompleteWorkflow("woke")]
 
 
 def test_run_in_executor_fails_the_workflow_with_workflow_await_error() -> None:
@@ -488,5 +486,3 @@ def test_workflow_can_catch_workflow_await_error_and_carry_on() -> None:
         return None
 
     assert names(make(wf).activate([], T0)) == [(1, "instead")]
-
-

@@ -17,9 +17,8 @@ from celery.canvas import Signature, signature
 
 from .._definition import durable_workflow
 from ..client import WorkflowHandle
-from ..errors import WorkflowAwaitError
-from ._shapes import task_names, to_data
-from ._walk import await_canvas, is_workflow_name
+from ._shapes import to_data
+from ._walk import await_canvas
 
 __all__ = ["CANVAS_WORKFLOW", "DurableCanvas", "durable", "run_canvas"]
 
@@ -54,13 +53,6 @@ class DurableCanvas:
             raise TypeError(
                 f"durable() takes a Celery signature or canvas (task.s(...), chain, group, "
                 f"chord, chunks...) or its dict form, got {sig!r}"
-            )
-        workflows = [name for name in task_names(sig) if is_workflow_name(name)]
-        if workflows:
-            raise WorkflowAwaitError(
-                f"the canvas given to durable() runs the durable workflow {workflows[0]!r}; "
-                "a canvas made durable runs tasks only. Start that workflow with its own "
-                ".delay(), or put the tasks it runs in the canvas."
             )
         self.signature = sig
         self.app = app
@@ -129,6 +121,5 @@ def durable(sig: Signature | Mapping[str, Any], app: Celery | None = None) -> Du
 
     Raises:
         TypeError: ``sig`` is not a signature or canvas.
-        WorkflowAwaitError: the canvas contains a durable workflow's signature.
     """
     return DurableCanvas(sig, app=app)

@@ -40,7 +40,6 @@ __all__ = [
     "link_errback",
     "merge_call",
     "merge_options",
-    "task_names",
     "to_data",
     "yields_group",
 ]
@@ -387,18 +386,3 @@ def chord_error_calls(body: Signature) -> list[dict[str, Any]]:
         for call in calls
         if call["errbacks"]
     ]
-
-
-def task_names(sig: Any) -> list[str]:
-    """Every task name a canvas runs (header, body, members, chunks' task), in order."""
-    sig = as_signature(sig)
-    if isinstance(sig, group):
-        return [name for member in sig.tasks for name in task_names(member)]
-    if isinstance(sig, _chain):
-        return [name for member in sig.tasks for name in task_names(member)]
-    if isinstance(sig, chord):
-        names = [name for member in maybe_list(sig.tasks) or [] for name in task_names(member)]
-        return names + (task_names(sig.body) if sig.body is not None else [])
-    if is_chunks(sig) or sig.task in ("celery.map", "celery.starmap"):
-        return task_names(sig.kwargs["task"])
-    return [sig.task] if sig.task else []

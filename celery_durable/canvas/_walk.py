@@ -120,20 +120,19 @@ class CanvasWalk:
                 "of a task (`await task.s(...)`)."
             )
         step_args, step_kwargs, options = merge_call(sig, args, kwargs, call)
-        if is_workflow_name(name):
-            # A durable workflow's signature runs as a child run, linked to this one.
-            for key in PER_MESSAGE_OPTIONS:
-                options.pop(key, None)
-            return await self.instance.start_child(name, step_args, step_kwargs, options)
         if name in _MAP_TASKS:
             options["route_name"] = options.get("route_name") or _task_name(sig)
         callbacks = maybe_list(options.pop("link", None)) or []
         for key in PER_MESSAGE_OPTIONS:
             options.pop(key, None)
-        # link_error stays in the options: the worker that runs the step calls the
-        # errbacks as it does for any task, with the real request, exception and traceback
-        # (a worker with no result backend does too).
-        value = await self.instance.schedule_activity(name, step_args, step_kwargs, options)
+        if is_workflow_name(name):
+            # A durable workflow's signature runs as a child run, linked to this one.
+            value = await self.instance.start_child(name, step_args, step_kwargs, options)
+        else:
+            # link_error stays in the options: the worker that runs the step calls the
+            # errbacks as it does for any task, with the real request, exception and
+            # traceback (a worker with no result backend does too).
+            value = await self.instance.schedule_activity(name, step_args, step_kwargs, options)
         for callback in callbacks:
             self._start_callback(callback, value)
         return value
@@ -284,12 +283,13 @@ async def await_canvas(
     """Run ``sig`` (a task signature or any canvas) inside the running workflow.
 
     Equivalent of ``sig.apply_async(args, kwargs, **options).get()`` with every task a
-    durable step. Returns what Celery's result would give: a task's return value, a
-    group's list, a chain's last value, a chord's body's value.
+    durable step (and every durable workflow's signature a child run). Returns what
+    Celery's result would give: a task's return value, a group's list, a chain's last
+    value, a chord's body's value.
 
     Raises:
         NotInWorkflowError: not inside a running workflow.
-        WorkflowAwaitError: the canvas names no task or a durable workflow.
+        WorkflowAwaitError: a signature in the canvas names no task.
         ChordError: a task in a chord's header failed.
         Exception: a task's own exception (a group's first failing member in order).
     """
