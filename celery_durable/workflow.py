@@ -268,6 +268,4 @@ async def execute(
 
 
 async def _awaitable(sig: Signature) -> Any:
-    # celery's type stubs do not know that importing celery_durable makes signatures
-    # awaitable; this is the one place that says so.
-    return await sig  # type: ignore[misc]
+    return await sig
