@@ -9,6 +9,8 @@ driver decides where the outcomes come from and what the commands turn into.
 from __future__ import annotations
 
 import asyncio
+import asyncio.events as asyncio_events
+import contextlib
 import contextvars
 import inspect
 import random
@@ -115,10 +117,15 @@ class WorkflowInstance:
         #: Set by replay: the (kind, name) of every recorded step, by seq.
         self.recorded: Mapping[int, tuple[str, str]] = {}
         self.replaying = False
+        self._closing = False
 
     # -- called by workflow code (through the public helpers) ----------------------------
 
     def _allocate(self, kind: str, patch_id: str | None = None) -> int:
+        if self._closing:
+            # A finally block awaiting a step while close() throws the coroutine away:
+            # start nothing, and let the close end quietly.
+            raise GeneratorExit
         # A patch marker the code no longer asks about (a retired patch) keeps its place
         # in history; step over it so later steps keep their numbers. That holds after
         # replay too, for a marker that was the last step recorded: its number is taken.
@@ -316,6 +323,35 @@ class WorkflowInstance:
         if error is not None:
             return FailWorkflow(error)
         return CompleteWorkflow(task.result())
+
+    def close(self) -> None:
+        """Throw the suspended coroutine away without running the workflow any further.
+
+        For the driver, when it drops an instance (cache eviction, a lost race, a failed
+        replay). Python closes a suspended coroutine when it is garbage collected, which
+        runs its ``finally`` blocks with no workflow loop running, in whatever thread
+        collects it: a step awaited there (a saga's compensation) would fail with
+        NotInWorkflowError as an "exception ignored". Here those blocks run on this
+        instance's loop and a step they await ends the close without issuing anything;
+        the run's next turn, wherever it runs, replays them for real. Idempotent.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        self.finished = True
+        tasks = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+        previous = asyncio_events._get_running_loop()
+        asyncio_events._set_running_loop(self.loop)
+        try:
+            for task in tasks:
+                task._log_destroy_pending = False  # type: ignore[attr-defined]
+                # Code that insists on running (awaits a plain future, swallows the exit)
+                # is dropped all the same.
+                with contextlib.suppress(BaseException):
+                    task.get_coro().close()
+        finally:
+            asyncio_events._set_running_loop(previous)
+        self.loop.close()
 
     @property
     def pending_seqs(self) -> list[int]:

@@ -37,7 +37,7 @@ def _await_async_result(result: AsyncResult[Any]) -> Generator[Any, None, Any]:
 
 def install() -> None:
     """Make signatures awaitable (idempotent)."""
-    Signature.__await__ = _await_signature  # type: ignore[attr-defined]
+    Signature.__await__ = _await_signature  # type: ignore[method-assign,assignment]
     # asyncio.gather keys a dict by its arguments; a signature is a dict (unhashable), so
     # give it identity hashing. Distinct live objects never share an identity hash, so no
     # two signatures are mistaken for one.
