@@ -70,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loglevel", default="WARNING", help="worker log level")
     parser.add_argument("--log-dir", help="keep the worker log here (default: a temp dir)")
     parser.add_argument(
+        "--analyze-every",
+        type=float,
+        default=10.0,
+        help="if the server's autovacuum is off, ANALYZE the store's tables this often (s), "
+        "as autovacuum would; 0: never",
+    )
+    parser.add_argument(
         "--profile-start", action="store_true", help="profile the client starting runs"
     )
     return parser.parse_args(argv)
@@ -127,6 +134,40 @@ def count_runs(store: Any, ids: Sequence[str] | None, workflow: str, **where: An
         query = query.where(s.runs.c.id.in_(list(ids)))
     with store.engine.connect() as conn:
         return int(conn.execute(query).scalar_one())
+
+
+class Analyzer:
+    """Stands in for PostgreSQL's autovacuum where it is off: ANALYZE the store's tables
+    every ``interval`` seconds, so the planner knows how big they have grown."""
+
+    def __init__(self, store: Any, interval: float) -> None:
+        from sqlalchemy import text
+
+        self.store = store
+        self.interval = interval
+        self.enabled = False
+        if store.dialect == "postgresql" and interval > 0:
+            with store.engine.connect() as conn:
+                self.enabled = conn.execute(text("SHOW autovacuum")).scalar_one() == "off"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        from sqlalchemy import text
+
+        while not self._stop.wait(self.interval):
+            with self.store.engine.connect() as conn:
+                conn.execute(text("ANALYZE durable_runs, durable_steps, durable_signals"))
+                conn.commit()
+
+    def start(self) -> None:
+        if self.enabled:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 def wait_until(what: str, done: Callable[[], bool], timeout: float, every: float = 0.2) -> float:
@@ -280,6 +321,7 @@ def timer_lateness(app: Any, bench: Any, samples: int, timeout: float) -> dict[s
         [timer] = [s for s in store.history(handle.id) if s.kind == "timer"]
         run = store.require_run(handle.id)
         due = timer.dispatched_at
+        assert timer.completed_at is not None and run.finished_at is not None
         late["fired"].append(timer.completed_at - due)
         late["seen"].append(handle.get(timeout=1) - due)  # workflow.now() after the sleep
         late["finished"].append(run.finished_at - due)
@@ -371,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         worker = Worker(args, env, log_dir / "worker.log")
         memory = MemorySampler(worker.proc.pid)
+        analyzer = Analyzer(store, args.analyze_every)
         try:
             worker.wait_ready(app)
             print(
@@ -381,6 +424,13 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
             ping_latencies(bench.started_at, 5, args.timeout)  # warm-up
+            if analyzer.enabled:
+                print(
+                    f"autovacuum is off on this server: ANALYZE every {args.analyze_every:g} s "
+                    "stands in for it",
+                    flush=True,
+                )
+            analyzer.start()
             memory.start()
 
             with memory.during("idle"):
@@ -388,23 +438,23 @@ def main(argv: list[str] | None = None) -> None:
                 idle_timers = timer_lateness(app, bench, args.timer_samples, args.timeout)
             print("idle measurements done", flush=True)
 
-            handles: list[WorkflowHandle[Any]] = []
+            waiter_ids: list[str] = []
             with memory.during("start"), profiled(args.profile_start):
                 began = time.perf_counter()
                 for i in range(args.runs):
-                    if i % 2 == 0 and len(handles) // 2 < sleepers:
-                        handles.append(bench.sleeper.delay(args.sleep))
+                    if i % 2 == 0 and i // 2 < sleepers:
+                        bench.sleeper.delay(args.sleep)
                     else:
-                        handles.append(bench.waiter.delay())
+                        waiter_ids.append(bench.waiter.delay().id)
                 start_seconds = time.perf_counter() - began
             print(f"started {args.runs} runs in {start_seconds:.1f} s", flush=True)
-            waiter_ids = [h.id for h in handles if h.workflow == bench.waiter.name]
 
             def all_waiting() -> bool:
-                return sum(
+                waiting = sum(
                     count_runs(store, None, w, min_turn=1, status="RUNNING")
                     for w in bench.WORKFLOWS
-                ) >= args.runs
+                )
+                return waiting >= int(args.runs)
 
             with memory.during("first turns"):
                 settle_seconds = wait_until("every run waiting", all_waiting, args.timeout, 0.5)
@@ -423,8 +473,10 @@ def main(argv: list[str] | None = None) -> None:
                 signal_seconds = time.perf_counter() - began
                 done_seconds = signal_seconds + wait_until(
                     "every signalled run finishing",
-                    lambda: count_runs(store, waiter_ids, bench.waiter.name, status="SUCCESS")
-                    == len(waiter_ids),
+                    lambda: (
+                        count_runs(store, waiter_ids, bench.waiter.name, status="SUCCESS")
+                        == len(waiter_ids)
+                    ),
                     args.timeout,
                 )
             results = _results(store, waiter_ids)
@@ -434,6 +486,7 @@ def main(argv: list[str] | None = None) -> None:
                 time.sleep(2.0)
             memory.stop()
         finally:
+            analyzer.stop()
             worker.stop()
             forget_runs(store, bench.WORKFLOWS)
 

@@ -87,6 +87,8 @@ class InstanceCache:
             item = self._items.pop(run_id, None)
         if item is not None and item[0] == incarnation and item[1].turn == turn:
             return item[1]
+        if item is not None:
+            item[1].close()  # out of date: another process moved the run on
         return None
 
     def put(
@@ -94,17 +96,24 @@ class InstanceCache:
     ) -> None:
         """Keep ``instance`` (of ``incarnation``) for the next turn of ``run_id``."""
         if capacity <= 0:
+            instance.close()
             return
+        evicted = []
         with self._lock:
             self._items[run_id] = (incarnation, instance)
             self._items.move_to_end(run_id)
             while len(self._items) > capacity:
-                self._items.popitem(last=False)
+                evicted.append(self._items.popitem(last=False)[1][1])
+        for old in evicted:
+            old.close()
 
     def clear(self) -> None:
         """Forget every instance."""
         with self._lock:
+            items = list(self._items.values())
             self._items.clear()
+        for _, instance in items:
+            instance.close()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -206,11 +215,14 @@ class DriverTurn:
             # Another turn moved the run on first. It may not have seen what this one
             # saw, so make sure someone looks again.
             logger.info("%s: turn %d lost a race; waking the run again", self._label, run.turn)
+            instance.close()
             publish_wake(self.app, self.workflow, self.run_id, run.options)
             return None, False
 
         if not instance.finished:
             cache.put(self.run_id, instance, self.settings.cache_size, run.seq_base)
+        else:
+            instance.close()  # tasks it left pending must not run at garbage collection
         self._publish(run, plan, committed)
         if write.status == FAILURE and write.error is not None:
             logger.info("%s failed: %s", self._label, write.error.get("message"))

@@ -297,6 +297,13 @@ class WorkflowInstance:
         issued, self._issued = self._issued, []
         if self._main.done():
             self.finished = True
+            # Nothing will ever wait for the steps still open (tasks started and left
+            # running, a child not awaited): cancel them, which revokes the tasks and
+            # cancels the children, as a finished Temporal workflow does.
+            for seq in sorted([*self._waiting, *self._timers]):
+                issued.append(CancelStep(seq))
+            self._waiting.clear()
+            self._timers.clear()
             issued.append(self._outcome(self._main, self.info))
             self.loop.close()
         return issued

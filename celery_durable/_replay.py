@@ -56,6 +56,10 @@ def replay(
             now = turn_times.get(turn, instance.now)
             commands = instance.activate(delivered.get(turn, []), now, cancel=turn == cancel_turn)
             _check_turn(instance, turn, commands, created.get(turn, {}))
+    except BaseException:
+        instance.replaying = False
+        instance.close()  # nobody will resume it; its finally blocks must not run later
+        raise
     finally:
         instance.replaying = False
 

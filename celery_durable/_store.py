@@ -39,6 +39,8 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError, IntegrityError, OperationalError, SQLAlchemyError
 
@@ -643,16 +645,18 @@ class Store:
 
     def create_run(self, new: NewRun) -> bool:
         """Insert ``new`` unless a run with its id exists; True when it was created."""
-        now = _now()
-        try:
-            with self._tx() as conn:
-                exists = conn.execute(select(s.runs.c.id).where(s.runs.c.id == new.id)).first()
-                if exists:
-                    return False
-                conn.execute(insert(s.runs).values(**_run_row(new, now)))
-                return True
-        except IntegrityError:
-            return False  # a concurrent start of the same workflow id won
+        # One statement that skips an existing id, committing by itself (and durably):
+        # no read first and no BEGIN/COMMIT round trips, which made up about a third of
+        # the time to start a run on PostgreSQL.
+        dialect_insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
+        statement = (
+            dialect_insert(s.runs)
+            .values(**_run_row(new, _now()))
+            .on_conflict_do_nothing(index_elements=[s.runs.c.id])
+            .returning(s.runs.c.id)
+        )
+        with self._autocommit() as conn:
+            return conn.execute(statement).first() is not None
 
     def get_run(self, run_id: str) -> RunRecord | None:
         """The run with this id, or None."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -230,7 +231,7 @@ class WorkflowHandle(Generic[R]):
         return steps
 
     def describe(self) -> dict[str, Any]:
-        """A JSON-able summary of the run: status, times, error, step counts."""
+        """A summary of the run: status, times (datetimes), error, step counts, status values."""
         run = self._run()
         counts: dict[str, int] = {}
         for record in self._store.history(self.id):
@@ -297,17 +298,14 @@ class WorkflowHandle(Generic[R]):
         cancelled, parent = self._store.terminate(self.id, error)
         revoke = [c.dispatch_id for c in cancelled if c.kind == "activity"]
         if revoke:
-            try:
+            # Best effort: a late outcome of such a step is dropped anyway.
+            with contextlib.suppress(Exception):
                 self.app.control.revoke(revoke)
-            except Exception:  # best effort: a late outcome of such a step is dropped
-                pass
         for step in cancelled:
             if step.kind == "child" and step.child_id:
                 child: WorkflowHandle[Any] = WorkflowHandle(step.child_id, app=self.app)
-                try:
+                with contextlib.suppress(DurableError):  # it has already finished
                     child.terminate(reason)
-                except DurableError:
-                    pass  # already finished
         if parent is not None:
             publish_wake(self.app, parent[1], parent[0], parent[2])
 
@@ -316,13 +314,19 @@ class WorkflowHandle(Generic[R]):
 
         A STUCK run continues from its history (deploy the fixed code first). A FAILED
         run goes back one turn: the steps whose failure ended it run again, and the
-        workflow code sees their new outcomes.
+        workflow code sees their new outcomes. A failed child workflow among them is
+        retried the same way.
 
         Raises:
-            DurableError: the run is not STUCK or FAILED, or cannot be rewound.
+            DurableError: the run is not STUCK or FAILED, or cannot be rewound (one of
+                the failed steps is a child run that was cancelled or terminated).
         """
         store = self._store
+        children = self._failed_children()
         store.resume(self.id)
+        for child in children:
+            # After the parent's step is open again, so that the child's end lands on it.
+            child.retry()
         run = store.require_run(self.id)
         with self.app.producer_or_acquire() as producer:
             codec = settings_for(self.app).codec
@@ -339,3 +343,25 @@ class WorkflowHandle(Generic[R]):
                     producer=producer,
                 )
             publish_wake(self.app, run.workflow, run.id, run.options, producer=producer)
+
+    def _failed_children(self) -> list[WorkflowHandle[Any]]:
+        """Child runs whose failure ended this FAILED run; they must be retried with it."""
+        store = self._store
+        run = store.require_run(self.id)
+        if run.status != FAILURE:
+            return []
+        children: list[WorkflowHandle[Any]] = []
+        for step in store.history(self.id):
+            if step.kind != "child" or step.child_id is None or step.outcome != "error":
+                continue
+            if step.observed_turn != run.turn:
+                continue
+            status = store.get_status(step.child_id)
+            if status not in (FAILURE, STUCK):
+                raise DurableError(
+                    f"workflow {run.workflow}[{self.id}] failed because its child run "
+                    f"{step.child_id} ended {status}, which cannot be retried; start a new "
+                    "run instead"
+                )
+            children.append(WorkflowHandle(step.child_id, app=self.app))
+        return children

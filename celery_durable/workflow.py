@@ -136,7 +136,7 @@ def set_status(key: str, value: Any) -> None:
     """Publish a progress value (JSON-able) that ``handle.describe()`` shows in flight."""
     instance = current_instance("workflow.set_status()")
     try:
-        json.dumps(value)
+        json.dumps(value, allow_nan=False)  # NaN is not JSON: PostgreSQL refuses it
     except (TypeError, ValueError) as exc:
         raise WorkflowEncodeError(
             f"{_label()}: the status value for {key!r} is not JSON-able: {exc}"
@@ -216,8 +216,11 @@ async def execute(
         schedule_to_close: time limit of all attempts together, waits included.
 
     Raises:
-        ActivityTimeoutError: an attempt or the whole took longer than allowed.
-        Exception: the task's own exception once retries are exhausted.
+        ActivityTimeoutError: an attempt took longer than ``start_to_close`` (and no
+            retry was left), or ``schedule_to_close`` ran out, during an attempt or
+            before the next one could start (then the last attempt's error is its
+            ``__cause__``).
+        Exception: the task's own exception once the attempts are used up.
     """
     current_instance("workflow.execute()")
     if not isinstance(sig, Signature):
@@ -234,36 +237,46 @@ async def execute(
     loop = asyncio.get_running_loop()
     deadline = None if overall is None else loop.time() + overall
 
-    async def attempt_once() -> Any:
-        limit = per_attempt
+    def timed_out(which: str, attempts: int) -> ActivityTimeoutError:
+        limit = per_attempt if which == "start_to_close" else overall
+        return ActivityTimeoutError(
+            f"{_label()}: {sig.task} exceeded its {which} timeout ({limit:g} s) "
+            f"in attempt {attempts}"
+        )
+
+    async def attempt_once(attempt: int) -> Any:
+        limit, which = per_attempt, "start_to_close"
         if deadline is not None:
             left = deadline - loop.time()
-            limit = left if limit is None else min(limit, left)
+            if limit is None or left < limit:
+                limit, which = left, "schedule_to_close"
         if limit is None:
             return await _awaitable(sig)
+        if limit <= 0:  # the last wait ended past the deadline: no time for an attempt
+            raise timed_out(which, attempt)
         try:
-            return await asyncio.wait_for(_awaitable(sig), max(limit, 0.0))
+            return await asyncio.wait_for(_awaitable(sig), limit)
         except asyncio.TimeoutError:
-            which = "schedule_to_close" if limit != per_attempt else "start_to_close"
-            raise ActivityTimeoutError(
-                f"{_label()}: {sig.task} exceeded its {which} timeout ({limit:g} s)"
-            ) from None
+            raise timed_out(which, attempt) from None
 
     attempt = 1
     while True:
+        error: Exception
         try:
-            return await attempt_once()
+            return await attempt_once(attempt)
         except ActivityTimeoutError as exc:
-            error: BaseException = exc
+            if deadline is not None and loop.time() >= deadline:
+                raise  # schedule_to_close ran out: no retry
+            error = exc
         except Exception as exc:
             error = exc
-        if (
-            not policy.retryable(error)
-            or (policy.max_attempts and attempt >= policy.max_attempts)
-            or (deadline is not None and loop.time() + policy.interval(attempt) >= deadline)
-        ):
+        if not policy.retryable(error) or (policy.max_attempts and attempt >= policy.max_attempts):
             raise error
-        await asyncio.sleep(policy.interval(attempt))
+        wait = policy.interval(attempt)
+        if deadline is not None and loop.time() + wait >= deadline:
+            # The next attempt would start too late to be of use.
+            raise timed_out("schedule_to_close", attempt) from error
+        await asyncio.sleep(wait)
         attempt += 1
 
 

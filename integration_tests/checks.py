@@ -62,7 +62,7 @@ def assert_delivered_once(
     assert [s.seq for s in history] == list(range(1, len(expected) + 1)), (
         f"steps of run {run_id} are {[s.seq for s in history]}, expected 1..{len(expected)}"
     )
-    for step, want in zip(history, expected, strict=False):
+    for step, want in zip(history, expected, strict=True):
         got = (step.name, step.args, step.state, step.result, step.error)
         assert got == (want.name, want.args, DELIVERED, want.result, None), (
             f"step {step.seq} of run {run_id}"

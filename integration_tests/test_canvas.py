@@ -77,6 +77,9 @@ def celery_result(cluster: Cluster, make: Callable[[], ct.Shape]) -> object:
     try:
         return make().signature.apply_async().get(timeout=120)
     finally:
+        # The result backend's connections are not the app's: close them too.
+        app.backend.result_consumer.stop()
+        app.backend.client.connection_pool.disconnect()
         app.close()
 
 

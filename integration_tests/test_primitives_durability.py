@@ -95,6 +95,10 @@ def kinds(cluster: Cluster, run_id: str) -> list[tuple[str, str]]:
     return [(r.kind, r.state) for r in cluster.store.history(run_id)]
 
 
+#: The history of ``primitives_app.nap``: an activity, the timer, an activity.
+SLEPT = [("activity", DELIVERED), ("timer", DELIVERED), ("activity", DELIVERED)]
+
+
 def wait_past(deadline: float) -> None:
     """Sleep until the wall clock is past ``deadline`` (UNIX seconds)."""
     while time.time() <= deadline:
@@ -121,9 +125,7 @@ def test_a_sleep_whose_deadline_passes_while_no_worker_lives_wakes_after_restart
     slept = handle.get(timeout=60)
     # The workflow never wakes before its deadline, whatever the kill did.
     assert slept["after"] >= slept["before"] + 2.0 - 1e-6
-    assert kinds(cluster, handle.id) == [("activity", DELIVERED), ("timer", DELIVERED)] + [
-        ("activity", DELIVERED)
-    ]
+    assert kinds(cluster, handle.id) == SLEPT
     assert_side_effects(cluster, handle.id, [0, 1], exactly={0: 1, 1: 1})
 
 
@@ -181,9 +183,7 @@ def test_a_two_day_sleep_is_rows_in_sql_not_a_broker_message(cluster: Cluster) -
     worker.restart()
 
     handle.get(timeout=60)
-    assert kinds(cluster, handle.id) == [("activity", DELIVERED), ("timer", DELIVERED)] + [
-        ("activity", DELIVERED)
-    ]
+    assert kinds(cluster, handle.id) == SLEPT
     assert_side_effects(cluster, handle.id, [0, 1], exactly={0: 1, 1: 1})
 
 

@@ -184,7 +184,7 @@ async def fan_out(
     default queue.
     """
     held = set(hold or ())
-    options = {"queue": activity_queue} if activity_queue else {}
+    options: dict[str, Any] = {"queue": activity_queue} if activity_queue else {}
     values = await asyncio.gather(*(record.s(i, hold=(i in held)).set(**options) for i in range(n)))
     if pause_after_gather:
         pause_once(workflow.info().workflow_id, "turn-after-gather")
@@ -220,7 +220,7 @@ def _pausing_publish_step(app: Celery, name: str, args: Any, *rest: Any, **kw: A
     test's kill."""
     flag = _dir() / PAUSE_PUBLISH_FILE
     if flag.exists():
-        headers = kw.get("headers") if "headers" in kw else rest[3]
+        headers: dict[str, Any] = kw["headers"] if "headers" in kw else rest[3]
         if str(headers.get("durable_seq")) == flag.read_text().strip():
             pause_once(str(headers["durable_run"]), "publish")
     assert _publish_step is not None
@@ -233,6 +233,6 @@ if "DURABLE_IT_DIR" in os.environ:  # a test's worker, not the pytest process im
             "celery_durable._driver no longer publishes through publish_step; update "
             "integration_tests/wfapp.py so the commit-then-publish kill test still pauses there"
         )
-    _driver.publish_step = _pausing_publish_step  # type: ignore[assignment]
+    _driver.publish_step = _pausing_publish_step  # type: ignore[attr-defined]
     if getattr(_sweeper, "publish_step", None) is _publish_step:
-        _sweeper.publish_step = _pausing_publish_step  # type: ignore[assignment]
+        _sweeper.publish_step = _pausing_publish_step  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 import uuid
@@ -321,3 +322,30 @@ def test_a_signal_to_a_cancelled_run_is_refused(app: Celery) -> None:
 
     with pytest.raises(SignalError, match="CANCELLED"):
         handle.signal("never")
+
+
+# -- instances the driver drops -----------------------------------------------------------
+
+
+@durable_workflow
+async def compensates_in_finally(key: str) -> str:
+    try:
+        await workflow.sleep(0.01)
+        return str(await charge.s(key))
+    finally:
+        await refund.s(key)
+
+
+def test_a_dropped_instance_does_not_run_its_finally_blocks_later(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With no cache every turn's instance is dropped while suspended inside the try block.
+    # Were it left to the garbage collector, its finally block would run outside any
+    # workflow: the awaited step fails there ("exception ignored", an error under pytest).
+    monkeypatch.setitem(app.conf, "durable_cache_size", 0)
+    key = new_id("dropped")
+
+    assert compensates_in_finally.delay(key).get(timeout=TIMEOUT) == f"receipt-{key}"
+    gc.collect()
+
+    assert (calls[f"charge:{key}"], calls[f"refund:{key}"]) == (1, 1)

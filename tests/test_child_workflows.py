@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from celery import Celery, shared_task
 
-from celery_durable import WorkflowHandle, durable_workflow, workflow
+from celery_durable import WorkflowCancelledError, WorkflowHandle, durable_workflow, workflow
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -150,3 +150,29 @@ def test_a_child_run_is_started_once_even_when_the_parent_replays(
     # Two children, each priced once, however many times the parent replayed.
     assert calls[f"price:{sku}"] == 1
     assert calls[f"price:{sku}q"] == 1
+
+
+@durable_workflow
+async def slow_quote(sku: str) -> str:
+    await workflow.sleep(3600)
+    return sku
+
+
+@durable_workflow
+async def leaves_a_child_running() -> str:
+    child = asyncio.ensure_future(slow_quote.s("lamp"))
+    await asyncio.sleep(0)
+    return "done" if not child.done() else "waited?"
+
+
+def test_a_child_left_running_when_the_parent_ends_is_cancelled(app: Celery) -> None:
+    handle = leaves_a_child_running.delay()
+
+    assert handle.get(timeout=TIMEOUT) == "done"
+
+    [step] = handle.history
+    assert (step.kind, step.state) == ("child", "CANCELLED")
+    assert step.child_id is not None
+    child: WorkflowHandle[Any] = WorkflowHandle(step.child_id, app=app)
+    with pytest.raises(WorkflowCancelledError):
+        child.get(timeout=TIMEOUT)

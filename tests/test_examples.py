@@ -77,6 +77,53 @@ def test_quickstart_interrupted_resumes_the_same_workflow(tmp_path: Path) -> Non
     assert "result: {'receipt': 'receipt-o-1', 'held': [True, True, True]}" in out
 
 
+def _match(pattern: str, out: str) -> str:
+    found = re.search(pattern, out, flags=re.M)
+    assert found is not None, f"{pattern!r} not in:\n{out}"
+    return found.group(1)
+
+
+def test_order_saga_ships_compensates_a_failure_and_a_cancel(tmp_path: Path) -> None:
+    out = _run([sys.executable, str(ROOT / "examples" / "order_saga.py")], tmp_path)
+    shipped, failed, cancelled = re.findall(r"^(o-\w+): (.*)$", out, flags=re.M)
+    assert shipped[1] == f"tracking-{shipped[0]}"
+    assert failed[1] == f"FAILURE (ShippingError: {failed[0]} has no address)"
+    assert cancelled[1].startswith("CANCELLED (WorkflowCancelledError: ")
+    assert f"{shipped[0]}: shipped to 1 Main St" in out
+    for order, sku in ((failed[0], "desk"), (cancelled[0], "sofa")):
+        # Undone, latest first, and only what was done.
+        undo = [f"hold-{sku}: released", f"payment-{order}: refunded"]
+        lines = [line.strip() for line in out.splitlines()]
+        assert [line for line in lines if line in undo] == undo
+        assert f"{order}: shipped" not in out
+    assert f"payment-{shipped[0]}: refunded" not in out  # the shipped order was not undone
+
+
+def test_human_approval_approves_one_claim_and_escalates_the_other(tmp_path: Path) -> None:
+    script = str(ROOT / "examples" / "human_approval.py")
+    out = _run([sys.executable, script], tmp_path, HUMAN_APPROVAL_TIMEOUT="0.3")
+    first = _match(r"^(claim-\w+): the manager approves$", out)
+    second = _match(r"^(claim-\w+): nobody answers$", out)
+    assert f"{first}: approved by manager" in out
+    assert f"{second}: rejected: nobody answered within 0.3 s" in out
+    assert f"to director: please approve {second} (4800 EUR)" in out
+    assert f"to director: please approve {first}" not in out
+
+
+def test_nightly_poller_continues_as_new_with_a_bounded_history(tmp_path: Path) -> None:
+    script = str(ROOT / "examples" / "nightly_poller.py")
+    out = _run([sys.executable, script], tmp_path, NIGHTLY_POLLER_INTERVAL="0.1")
+    assert [line.strip() for line in out.splitlines() if "new items" in line] == [
+        "night 1: 4 new items in news",
+        "night 2: 7 new items in news",
+        "night 3: 10 new items in news",
+    ]
+    assert re.search(r"^poller-\w+: news: 21 items in 3 nights$", out, re.M)
+    assert re.search(
+        r"history of the last night only: \['activity nightly_poller.poll_feed'\]", out
+    )
+
+
 @pytest.mark.integration
 def test_shop_example_on_redis_and_postgresql(tmp_path: Path) -> None:
     _service(6379, "Redis")

@@ -212,3 +212,68 @@ def test_retry_of_a_run_that_did_not_fail_is_an_error(app: Celery) -> None:
     handle.get(timeout=TIMEOUT)
     with pytest.raises(DurableError, match="SUCCESS"):
         handle.retry()
+
+
+#: Whether ``audit`` fails; flipped by the test to "fix" the child.
+audit_fails = {"on": True}
+
+
+@durable_workflow
+async def audit(key: str) -> str:
+    await book.s(key, "audit")
+    if audit_fails["on"]:
+        raise LedgerMismatch(f"{key}: audit failed")
+    return f"{key} audited"
+
+
+@durable_workflow
+async def closes_the_books(key: str) -> str:
+    return str(await audit.s(key))
+
+
+def test_retry_of_a_run_failed_by_its_child_retries_the_child(app: Celery) -> None:
+    key = f"audit-{time.monotonic_ns()}"
+    handle = closes_the_books.delay(key)
+    with pytest.raises(LedgerMismatch):
+        handle.get(timeout=TIMEOUT)
+    [step] = handle.history
+    assert step.child_id is not None
+    child: WorkflowHandle[Any] = WorkflowHandle(step.child_id, app=app)
+    assert child.status == "FAILURE"
+
+    audit_fails["on"] = False
+    try:
+        handle.retry()
+        assert handle.get(timeout=TIMEOUT) == f"{key} audited"
+    finally:
+        audit_fails["on"] = True
+    assert child.status == "SUCCESS"
+    assert calls[f"book:{key}:audit"] == 1  # the child's own step was not run again
+
+
+@durable_workflow
+async def slow_audit(key: str) -> str:
+    await workflow.wait_for_signal("never")
+    return key
+
+
+@durable_workflow
+async def closes_the_books_slowly(key: str) -> str:
+    return str(await slow_audit.s(key))
+
+
+def test_retry_of_a_run_failed_by_a_terminated_child_is_refused(app: Celery) -> None:
+    handle = closes_the_books_slowly.delay("k")
+    wait_until(lambda: any(s.child_id for s in handle.history), "the child")
+    [step] = handle.history
+    assert step.child_id is not None
+    child: WorkflowHandle[Any] = WorkflowHandle(step.child_id, app=app)
+    wait_until(lambda: len(child.history) == 1, "the child to wait")
+    child.terminate("not needed")
+    with pytest.raises(DurableError, match="terminated"):
+        handle.get(timeout=TIMEOUT)
+
+    with pytest.raises(DurableError, match=r"ended TERMINATED, which cannot be retried") as raised:
+        handle.retry()
+    assert step.child_id in str(raised.value)
+    assert handle.status == "FAILURE"  # left as it was

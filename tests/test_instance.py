@@ -15,6 +15,7 @@ from celery_durable._commands import (
     CancelStep,
     Command,
     CompleteWorkflow,
+    ContinueAsNew,
     FailWorkflow,
     ScheduleActivity,
     StartTimer,
@@ -130,10 +131,11 @@ def test_gather_propagates_the_first_error_delivered() -> None:
     instance = make(wf)
     instance.activate([], T0)
     boom = ValueError("b failed")
-    [outcome] = instance.activate([err(2, boom)], T0)
+    cancelled, outcome = instance.activate([err(2, boom)], T0)
 
     assert isinstance(outcome, FailWorkflow)
     assert outcome.error is boom
+    assert cancelled == CancelStep(1)  # nobody waits for "a" any more
 
 
 def test_gather_return_exceptions_collects_errors_as_values() -> None:
@@ -486,3 +488,66 @@ def test_workflow_can_catch_workflow_await_error_and_carry_on() -> None:
         return None
 
     assert names(make(wf).activate([], T0)) == [(1, "instead")]
+
+
+# -- the end of an instance ---------------------------------------------------------------
+
+
+def test_steps_left_open_when_the_workflow_ends_are_cancelled() -> None:
+    async def wf() -> str:
+        left = asyncio.ensure_future(step("fire and forget"))
+        await asyncio.sleep(0)
+        return "done" if not left.done() else "waited?"
+
+    commands = make(wf).activate([], T0)
+
+    assert commands[0] == ScheduleActivity(1, "fire and forget")
+    assert commands[1:] == [CancelStep(1), CompleteWorkflow("done")]
+
+
+def test_close_ends_the_coroutine_without_issuing_what_its_finally_block_awaits() -> None:
+    ran: list[str] = []
+
+    async def wf() -> None:
+        try:
+            await step("charge")
+        finally:
+            ran.append("finally")
+            await step("refund")  # a compensation: it must not run outside a turn
+            ran.append("after refund")
+
+    instance = make(wf)
+    instance.activate([], T0)
+
+    instance.close()
+    instance.close()  # idempotent
+
+    assert ran == ["finally"]
+    assert instance.finished
+    with pytest.raises(RuntimeError, match="already finished"):
+        instance.activate([ok(1)], T0)
+
+
+def test_a_timer_longer_than_ten_years_or_nan_is_a_value_error() -> None:
+    async def wf(seconds: float) -> str:
+        try:
+            await asyncio.sleep(seconds)
+        except ValueError as exc:
+            return str(exc)
+        return "slept"
+
+    for seconds in (float("nan"), float("inf"), 3651 * 86400.0):
+        [done] = make(wf, seconds, workflow_id="sleepy").activate([], T0)
+        assert isinstance(done, CompleteWorkflow)
+        assert "tests.wf[sleepy]" in done.result and "ten years" in done.result
+
+
+def test_continue_as_new_checks_the_arguments_against_the_workflow() -> None:
+    async def wf(n: int) -> None:
+        try:
+            workflow.continue_as_new(n, n)
+        except TypeError as exc:
+            workflow.continue_as_new(len(str(exc)))
+
+    [restart] = make(wf, 1).activate([], T0)
+    assert isinstance(restart, ContinueAsNew) and restart.args[0] > 0

@@ -432,16 +432,17 @@ def test_set_status_is_visible_while_the_run_is_in_flight(app: Celery) -> None:
 
 
 @durable_workflow
-async def reports_unencodable_status() -> str:
+async def reports_unencodable_status(kind: str) -> str:
     try:
-        workflow.set_status("when", datetime(2024, 1, 1))
+        workflow.set_status("when", datetime(2024, 1, 1) if kind == "datetime" else math.nan)
     except WorkflowEncodeError as exc:
         return str(exc)
     return "set?"
 
 
-def test_a_status_value_that_is_not_json_is_refused(app: Celery) -> None:
-    handle = reports_unencodable_status.delay()
+@pytest.mark.parametrize("kind", ["datetime", "nan"])
+def test_a_status_value_that_is_not_json_is_refused(app: Celery, kind: str) -> None:
+    handle = reports_unencodable_status.delay(kind)
     message = handle.get(timeout=TIMEOUT)
     assert "'when' is not JSON-able" in message and handle.id in message
 
