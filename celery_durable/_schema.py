@@ -32,7 +32,7 @@ __all__ = [
 
 #: Bumped whenever the tables change; each bump comes with the upgrade step that
 #: :class:`~celery_durable._store.Store` applies to a store of the previous version.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: What each version added, as (table, column) pairs; upgrades add them in order.
 #: (New tables need no entry: they are created whenever they are missing.)
@@ -44,10 +44,10 @@ ADDED_COLUMNS: dict[int, list[tuple[str, str]]] = {
         ("durable_runs", "seq_base"),
         ("durable_runs", "cancel_requested"),
         ("durable_runs", "cancel_turn"),
-        ("durable_runs", "cancel_at"),
         ("durable_runs", "progress"),
         ("durable_steps", "child_id"),
     ],
+    3: [("durable_runs", "cancel_at")],
 }
 
 metadata = MetaData()
@@ -92,7 +92,7 @@ runs = Table(
     Column("cancel_requested", Boolean, nullable=True),
     # The turn that delivered the cancellation, and its time, for replay.
     Column("cancel_turn", Integer, nullable=True),
-    Column("cancel_at", Float, nullable=True),
+    Column("cancel_at", Float, nullable=True),  # schema version 3
     # workflow.set_status() values.
     Column("progress", JSON, nullable=True),
     Index("ix_durable_runs_status_updated", "status", "updated_at"),

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import MetaData, Table, create_engine, insert, inspect, select, update
 
 from celery_durable import _schema, _store
 from celery_durable._commands import ACTIVITY
@@ -684,3 +684,49 @@ def test_an_sqlite_path_that_cannot_be_created_raises_store_unavailable() -> Non
     with pytest.raises(StoreUnavailableError, match="durable_database_url") as caught:
         Store("sqlite:////proc/no-such-dir/durable.sqlite3").get_run("run-1")
     assert "/proc/no-such-dir" in str(caught.value)
+
+
+def test_a_version_1_store_is_upgraded_in_place_and_keeps_its_runs(url: str) -> None:
+    # Build the tables as schema version 1 had them: without the columns added since.
+    added = {column for columns in _schema.ADDED_COLUMNS.values() for column in columns}
+    old = MetaData()
+    for table in (_schema.meta, _schema.runs, _schema.steps, _schema.workers):
+        Table(
+            table.name,
+            old,
+            *[c._copy() for c in table.columns if (table.name, c.name) not in added],
+        )
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        old.create_all(conn)
+        conn.execute(insert(old.tables["durable_meta"]).values(key="schema_version", value="1"))
+        conn.execute(
+            insert(old.tables["durable_runs"]).values(
+                id="old-run",
+                workflow="shop.checkout",
+                status=RUNNING,
+                turn=2,
+                wake_pending=False,
+                content_type=JSON,
+                input=b"[[], {}]",
+                options={},
+                created_at=1.0,
+                updated_at=1.0,
+            )
+        )
+    engine.dispose()
+
+    store = Store(url)
+    try:
+        run = store.require_run("old-run")  # reading needs the new columns
+        assert (run.status, run.turn, run.attempt, run.seq_base) == (RUNNING, 2, 1, 0)
+        assert run.cancel_at is None and run.parent_id is None
+        with store.engine.connect() as conn:
+            version = conn.execute(
+                select(_schema.meta.c.value).where(_schema.meta.c.key == "schema_version")
+            ).scalar_one()
+            columns = {c["name"] for c in inspect(conn).get_columns("durable_runs")}
+        assert version == str(_schema.SCHEMA_VERSION)
+        assert {"cancel_at", "parent_id", "progress"} <= columns
+    finally:
+        store.dispose()
