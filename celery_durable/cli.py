@@ -77,8 +77,14 @@ def show(ctx: click.Context, workflow_id: str) -> None:
         click.echo(f"run:      {run.id}")
         click.echo(f"workflow: {run.workflow}")
         click.echo(f"status:   {run.status} (turn {run.turn})")
+        if run.progress:  # what the workflow published with workflow.set_status()
+            click.echo(f"progress: {_short(dict(run.progress), 200)}")
         click.echo(f"input:    args={_short(args)} kwargs={_short(kwargs)}")
         click.echo(f"created:  {_when(run.created_at)}  finished: {_when(run.finished_at)}")
+        if run.progress:
+            click.echo(f"status values: {_short(dict(run.progress), 200)}")
+        if run.parent_id:
+            click.echo(f"parent:   {run.parent_id}")
         if run.status == "SUCCESS":
             click.echo(f"result:   {_short(handle.result, 200)}")
         if run.error:
@@ -92,9 +98,10 @@ def show(ctx: click.Context, workflow_id: str) -> None:
                 outcome = _short(step.result)
             else:
                 outcome = f"error {step.error.get('type')}: {step.error.get('message')}"
+            target = f" child={step.child_id}" if step.child_id else ""
             click.echo(
-                f"  {step.seq:>4} {step.state:<9} {step.name}{_short(step.args, 40)} "
-                f"attempts={step.attempts} -> {outcome}"
+                f"  {step.seq:>4} {step.state:<9} {step.kind:<8} {step.name}"
+                f"{_short(step.args, 40)}{target} attempts={step.attempts} -> {outcome}"
             )
     except DurableError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -110,6 +117,49 @@ def retry(ctx: click.Context, workflow_id: str) -> None:
     except DurableError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"{workflow_id}: retrying")
+
+
+@durable.command(cls=CeleryCommand)
+@click.argument("workflow_id")
+@click.argument("name")
+@click.argument("payload", required=False, default="null")
+@click.pass_context
+def signal(ctx: click.Context, workflow_id: str, name: str, payload: str) -> None:
+    """Send signal NAME with PAYLOAD (JSON) to a run."""
+    try:
+        value = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"PAYLOAD must be JSON: {exc}") from exc
+    try:
+        WorkflowHandle(workflow_id, app=_app(ctx)).signal(name, value)
+    except DurableError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{workflow_id}: signal {name!r} sent")
+
+
+@durable.command(cls=CeleryCommand)
+@click.argument("workflow_id")
+@click.pass_context
+def cancel(ctx: click.Context, workflow_id: str) -> None:
+    """Cancel a run: CancelledError is raised in it at its current await."""
+    try:
+        WorkflowHandle(workflow_id, app=_app(ctx)).cancel()
+    except DurableError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{workflow_id}: cancellation requested")
+
+
+@durable.command(cls=CeleryCommand)
+@click.argument("workflow_id")
+@click.option("--reason", default="terminated from the command line", show_default=True)
+@click.pass_context
+def terminate(ctx: click.Context, workflow_id: str, reason: str) -> None:
+    """End a run at once, without running its code."""
+    try:
+        WorkflowHandle(workflow_id, app=_app(ctx)).terminate(reason)
+    except DurableError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{workflow_id}: terminated")
 
 
 @durable.command(cls=CeleryCommand)

@@ -1,0 +1,82 @@
+"""``celery -A app durable ...``: the sub-command, through Celery's own CLI."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+APP_MODULE = """
+from celery import Celery, shared_task
+
+from celery_durable import durable_workflow, workflow
+
+app = Celery("cliapp", broker="memory://", set_as_current=False)
+app.conf.durable_database_url = "sqlite:///{db}"
+
+
+@shared_task
+def noop() -> None: ...
+
+
+@durable_workflow(name="cliapp.waiter")
+async def waiter(order_id: str) -> str:
+    return await workflow.wait_for_signal("go")
+"""
+
+
+def _celery(*args: str) -> tuple[int, str]:
+    from celery.bin.celery import celery
+
+    result = CliRunner().invoke(celery, ["-A", "cliapp", *args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def cli_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    (tmp_path / "cliapp.py").write_text(APP_MODULE.format(db=tmp_path / "cli.sqlite3"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    yield
+    sys.modules.pop("cliapp", None)
+
+
+@pytest.mark.usefixtures("cli_app")
+def test_start_list_show_signal_cancel_terminate() -> None:
+    assert _celery("durable", "list") == (0, "no runs\n")
+
+    code, out = _celery("durable", "start", "cliapp.waiter", '["o-1"]', "--id", "cli-1")
+    assert (code, out) == (0, "cli-1\n")
+    code, out = _celery("durable", "list", "--status", "PENDING")
+    assert code == 0 and "cli-1" in out and "cliapp.waiter" in out
+
+    code, out = _celery("durable", "show", "cli-1")
+    assert code == 0
+    assert "workflow: cliapp.waiter" in out and 'args=["o-1"]' in out
+
+    assert _celery("durable", "signal", "cli-1", "go", '{"ok": true}')[0] == 0
+    assert _celery("durable", "cancel", "cli-1")[0] == 0
+    code, out = _celery("durable", "terminate", "cli-1", "--reason", "test")
+    assert (code, out) == (0, "cli-1: terminated\n")
+    code, out = _celery("durable", "show", "cli-1")
+    assert "status:   TERMINATED" in out and "terminated: test" in out
+
+
+@pytest.mark.usefixtures("cli_app")
+def test_errors_are_clear_and_exit_non_zero() -> None:
+    code, out = _celery("durable", "show", "nope")
+    assert code == 1 and "no workflow run with id 'nope'" in out
+    code, out = _celery("durable", "start", "cliapp.nothing")
+    assert code == 1 and "no workflow named 'cliapp.nothing'" in out and "cliapp.waiter" in out
+    code, out = _celery("durable", "start", "cliapp.waiter", "not json")
+    assert code == 2 and "JSON" in out
+    code, out = _celery("durable", "start", "cliapp.waiter", '["a", "b"]')
+    assert code == 1 and "do not match" in out
+    code, out = _celery("durable", "retry", "nope")
+    assert code == 1 and "nope" in out
+    code, out = _celery("durable", "signal", "nope", "go")
+    assert code == 1 and "no such run" in out
