@@ -15,7 +15,7 @@ from celery import Celery, shared_task
 
 from celery_durable import durable_workflow, workflow
 
-app = Celery("cliapp", broker="memory://", set_as_current=False)
+app = Celery("{module}", broker="memory://", set_as_current=False)
 app.conf.durable_database_url = "sqlite:///{db}"
 
 
@@ -23,33 +23,42 @@ app.conf.durable_database_url = "sqlite:///{db}"
 def noop() -> None: ...
 
 
-@durable_workflow(name="cliapp.waiter")
+@durable_workflow(name="{module}.waiter")
 async def waiter(order_id: str) -> str:
     return await workflow.wait_for_signal("go")
 """
 
 
+MODULE = {"name": "cliapp"}
+
+
 def _celery(*args: str) -> tuple[int, str]:
     from celery.bin.celery import celery
 
-    result = CliRunner().invoke(celery, ["-A", "cliapp", *args], catch_exceptions=False)
-    return result.exit_code, result.output
+    result = CliRunner().invoke(celery, ["-A", MODULE["name"], *args], catch_exceptions=False)
+    return result.exit_code, result.output.replace(MODULE["name"], "cliapp")
 
 
 @pytest.fixture
 def cli_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    (tmp_path / "cliapp.py").write_text(APP_MODULE.format(db=tmp_path / "cli.sqlite3"))
+    # A module name per test: apps of earlier tests are still alive, and Celery warns
+    # when a second function registers under a task name they already have.
+    name = f"cliapp_{tmp_path.name.replace('-', '_')}"
+    MODULE["name"] = name
+    (tmp_path / f"{name}.py").write_text(
+        APP_MODULE.format(db=tmp_path / "cli.sqlite3", module=name)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
     yield
-    sys.modules.pop("cliapp", None)
+    sys.modules.pop(name, None)
 
 
 @pytest.mark.usefixtures("cli_app")
 def test_start_list_show_signal_cancel_terminate() -> None:
     assert _celery("durable", "list") == (0, "no runs\n")
 
-    code, out = _celery("durable", "start", "cliapp.waiter", '["o-1"]', "--id", "cli-1")
+    code, out = _celery("durable", "start", f"{MODULE['name']}.waiter", '["o-1"]', "--id", "cli-1")
     assert (code, out) == (0, "cli-1\n")
     code, out = _celery("durable", "list", "--status", "PENDING")
     assert code == 0 and "cli-1" in out and "cliapp.waiter" in out
@@ -69,12 +78,13 @@ def test_start_list_show_signal_cancel_terminate() -> None:
 @pytest.mark.usefixtures("cli_app")
 def test_errors_are_clear_and_exit_non_zero() -> None:
     code, out = _celery("durable", "show", "nope")
-    assert code == 1 and "no workflow run with id 'nope'" in out
-    code, out = _celery("durable", "start", "cliapp.nothing")
+    assert code == 1, out
+    assert "no workflow run with id 'nope'" in out
+    code, out = _celery("durable", "start", f"{MODULE['name']}.nothing")
     assert code == 1 and "no workflow named 'cliapp.nothing'" in out and "cliapp.waiter" in out
-    code, out = _celery("durable", "start", "cliapp.waiter", "not json")
+    code, out = _celery("durable", "start", f"{MODULE['name']}.waiter", "not json")
     assert code == 2 and "JSON" in out
-    code, out = _celery("durable", "start", "cliapp.waiter", '["a", "b"]')
+    code, out = _celery("durable", "start", f"{MODULE['name']}.waiter", '["a", "b"]')
     assert code == 1 and "do not match" in out
     code, out = _celery("durable", "retry", "nope")
     assert code == 1 and "nope" in out
