@@ -9,8 +9,10 @@ Imported by the benchmark script and by the ``celery worker`` it starts
 | ``BENCH_RESULT_URL`` | result backend, used by the plain task only (its latency) |
 | ``BENCH_STORE_URL`` | ``durable_database_url`` |
 | ``BENCH_QUEUE`` | the one queue every message of the benchmark goes to |
+| ``BENCH_CACHE_SIZE`` | ``durable_cache_size``, if set |
 
-Every ``durable_*`` setting keeps its default: what is measured is the library as shipped.
+Every other ``durable_*`` setting keeps its default: what is measured is the library as
+shipped.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ app.conf.update(
     worker_hijack_root_logger=False,
     worker_redirect_stdouts=False,
 )
+if os.environ.get("BENCH_CACHE_SIZE"):
+    app.conf.durable_cache_size = int(os.environ["BENCH_CACHE_SIZE"])
 
 
 @app.task(name="waiting_bench.started_at")

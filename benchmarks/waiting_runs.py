@@ -22,8 +22,8 @@ All along, the worker's resident memory (main process plus pool children, from
 and after. Nothing here is asserted: it prints what it measured.
 
 The queue and PostgreSQL database are the benchmark's own (see the options); its rows
-are deleted before and after. ``--profile-start`` prints where the client's time goes
-while starting runs.
+are deleted before and after. ``--profile start`` (or ``signal``) prints where the
+client's time goes while starting runs (or signalling them).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import pstats
+import re
 import signal
 import statistics
 import subprocess
@@ -63,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--broker-url", default=DEFAULT_BROKER, help="broker URL")
     parser.add_argument("--result-url", default=DEFAULT_RESULT, help="plain task's backend")
     parser.add_argument("--queue", default=DEFAULT_QUEUE, help="queue of every message")
+    parser.add_argument(
+        "--cache-size",
+        type=int,
+        help="the worker's durable_cache_size (default: the library's, 1000 per process)",
+    )
     parser.add_argument("--sleep", type=float, default=3600.0, help="the sleepers' sleep, s")
     parser.add_argument("--pings", type=int, default=30, help="plain tasks timed per phase")
     parser.add_argument("--timer-samples", type=int, default=40, help="short timers timed")
@@ -77,7 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "as autovacuum would; 0: never",
     )
     parser.add_argument(
-        "--profile-start", action="store_true", help="profile the client starting runs"
+        "--profile",
+        choices=("start", "signal"),
+        help="print where the client's time goes while starting runs or signalling them",
     )
     return parser.parse_args(argv)
 
@@ -336,6 +344,21 @@ def active_tasks(app: Any, name: str) -> int | None:
     return sum(len(tasks) for tasks in replies.values())
 
 
+def queued(app: Any, queue: str) -> int:
+    """Messages waiting in ``queue`` (not counting those a worker has taken)."""
+    with app.connection_for_write() as conn:
+        try:
+            return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
+        except conn.channel_errors:  # Redis: an empty queue is no key at all
+            return 0
+
+
+def sweeper_wakes(log: Path) -> int:
+    """Wakes the worker's sweeper sent for runs it took for lost, from its log."""
+    found = re.findall(rb"and woke (\d+) runs", log.read_bytes())
+    return sum(int(n) for n in found)
+
+
 @contextmanager
 def profiled(enabled: bool, top: int = 25) -> Iterator[None]:
     """Print the ``top`` functions by cumulative time of the block, if ``enabled``."""
@@ -388,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
         BENCH_RESULT_URL=args.result_url,
         BENCH_STORE_URL=args.store_url,
         BENCH_QUEUE=args.queue,
+        BENCH_CACHE_SIZE="" if args.cache_size is None else str(args.cache_size),
         PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
     )
     os.environ.update({k: v for k, v in env.items() if k.startswith("BENCH_")})
@@ -416,8 +440,10 @@ def main(argv: list[str] | None = None) -> None:
         analyzer = Analyzer(store, args.analyze_every)
         try:
             worker.wait_ready(app)
+            cache = "default" if args.cache_size is None else args.cache_size
             print(
-                f"worker: celery worker -P prefork -c {args.concurrency} | broker "
+                f"worker: celery worker -P prefork -c {args.concurrency} (durable_cache_size "
+                f"{cache}) | broker "
                 f"{args.broker_url} | store {args.store_url} | Python "
                 f"{platform.python_version()}, Celery {celery.__version__}, "
                 f"{os.cpu_count()} cores",
@@ -439,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
             print("idle measurements done", flush=True)
 
             waiter_ids: list[str] = []
-            with memory.during("start"), profiled(args.profile_start):
+            with memory.during("start"), profiled(args.profile == "start"):
                 began = time.perf_counter()
                 for i in range(args.runs):
                     if i % 2 == 0 and i // 2 < sleepers:
@@ -461,12 +487,20 @@ def main(argv: list[str] | None = None) -> None:
             print(f"all {args.runs} waiting after {settle_seconds:.1f} s more", flush=True)
 
             with memory.during("waiting"):
-                busy = active_tasks(app, worker.name)
+                # The first turns may still be draining (and duplicate wakes the sweeper
+                # sent for runs that waited in the queue longer than the stall timeout).
+                drain_seconds = wait_until(
+                    "the queue draining", lambda: queued(app, args.queue) == 0, args.timeout
+                )
+                busy = []
+                for _ in range(5):
+                    time.sleep(0.5)
+                    busy.append(active_tasks(app, worker.name))
                 waiting_pings = ping_latencies(bench.started_at, args.pings, args.timeout)
                 loaded_timers = timer_lateness(app, bench, args.timer_samples, args.timeout)
                 time.sleep(2.0)  # a few more memory samples of the quiet state
 
-            with memory.during("signal all"):
+            with memory.during("signal all"), profiled(args.profile == "signal"):
                 began = time.perf_counter()
                 for number, run_id in enumerate(waiter_ids):
                     WorkflowHandle(run_id, app=app).signal("go", number)
@@ -485,6 +519,7 @@ def main(argv: list[str] | None = None) -> None:
             with memory.during("after"):
                 time.sleep(2.0)
             memory.stop()
+            resent = sweeper_wakes(worker.log)
         finally:
             analyzer.stop()
             worker.stop()
@@ -496,8 +531,11 @@ def main(argv: list[str] | None = None) -> None:
         ("start them (client, .delay() one by one)",
          f"{start_seconds:.1f} s ({args.runs / start_seconds:,.0f} runs/s)"),
         ("until every run has had its first turn", f"{settle_seconds:.1f} s more"),
-        ("worker tasks running while they wait",
-         "no answer" if busy is None else f"{busy} of {args.concurrency} slots"),
+        ("until the queue was empty", f"{drain_seconds:.1f} s more"),
+        ("wakes the sweeper re-sent (runs queued > stall timeout)", f"{resent:,}"),
+        ("worker tasks running while they wait (5 looks)",
+         " ".join("?" if b is None else str(b) for b in busy)
+         + f" (of {args.concurrency} slots)"),
         (f"signal all {waiters:,} waiters (client)", f"{signal_seconds:.1f} s"),
         (f"until all {waiters:,} signalled runs completed",
          f"{done_seconds:.1f} s after the first signal"

@@ -28,6 +28,7 @@ from sqlalchemy import (
     String,
     and_,
     bindparam,
+    case,
     create_engine,
     delete,
     event,
@@ -895,17 +896,21 @@ class Store:
         return self._flag_wake(conn, parent_id, at)
 
     def _flag_wake(
-        self, conn: Connection, run_id: str, at: float
+        self, conn: Connection, run_id: str, at: float, locked: bool = False
     ) -> tuple[str, str, Mapping[str, Any]] | None:
-        """Set the run's wake flag; returns what to publish if it was not already set."""
+        """Set the run's wake flag; returns what to publish if it was not already set.
+
+        ``locked``: this transaction already holds the run's row (it updated it).
+        """
         # The caller has just completed a step in this same transaction, which no driver
         # can see before the commit. Hold the run's row until then: a driver clearing the
         # flag meanwhile waits and reads the step afterwards. Without the lock it could
         # clear the flag and read the steps in between (READ COMMITTED), miss the step,
         # and the flag seen set here would promise a wake that never comes.
-        conn.execute(
-            select(s.runs.c.id).where(s.runs.c.id == run_id).with_for_update(key_share=True)
-        )
+        if not locked:
+            conn.execute(
+                select(s.runs.c.id).where(s.runs.c.id == run_id).with_for_update(key_share=True)
+            )
         row = conn.execute(
             update(s.runs)
             .where(
@@ -945,7 +950,11 @@ class Store:
                 error=None,
                 cancel_turn=None,
                 cancel_at=None,
-                cancel_requested=None,
+                # A cancel requested while this turn ran has not been delivered to any
+                # code yet: the new run gets it (one already delivered stays with the old).
+                cancel_requested=case(
+                    (s.runs.c.cancel_turn.is_(None), s.runs.c.cancel_requested), else_=None
+                ),
                 wake_pending=True,
                 woken_at=at,
             )
@@ -982,6 +991,23 @@ class Store:
                     f"cannot signal {name!r} to workflow {row.workflow}[{run_id}]: it has "
                     f"finished ({row.status}); nothing would ever read the signal"
                 )
+            # No committed state has a signal buffered while a wait of its name is open
+            # (a turn adding or cancelling a wait matches before it commits, under this
+            # same row lock), so the new signal goes to the oldest open wait of its name,
+            # or to the buffer: no need to read the buffer.
+            wait = conn.execute(
+                select(s.steps.c.seq)
+                .where(
+                    and_(
+                        s.steps.c.run_id == run_id,
+                        s.steps.c.kind == "signal",
+                        s.steps.c.state == SCHEDULED,
+                        s.steps.c.name == name,
+                    )
+                )
+                .order_by(s.steps.c.seq)
+                .limit(1)
+            ).scalar_one_or_none()
             conn.execute(
                 insert(s.signals).values(
                     run_id=run_id,
@@ -989,11 +1015,23 @@ class Store:
                     content_type=content_type,
                     payload=payload,
                     created_at=at,
+                    consumed_seq=wait,
                 )
             )
-            if self._match_signals(conn, run_id, at):
-                return self._flag_wake(conn, run_id, at)
-            return None
+            if wait is None:
+                return None
+            conn.execute(
+                update(s.steps)
+                .where(and_(s.steps.c.run_id == run_id, s.steps.c.seq == wait))
+                .values(
+                    state=DONE,
+                    outcome="ok",
+                    content_type=content_type,
+                    result=payload,
+                    completed_at=at,
+                )
+            )
+            return self._flag_wake(conn, run_id, at, locked=True)
 
     def fire_due_timers(self, limit: int = 1000) -> list[tuple[str, str, Mapping[str, Any]]]:
         """Complete timers whose deadline has passed; returns the runs to wake."""

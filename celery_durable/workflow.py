@@ -114,22 +114,33 @@ async def wait_for_signal(name: str, timeout: float | timedelta | None = None) -
     """Wait for the next signal ``name`` sent to this run and return its payload.
 
     Signals sent before the wait are buffered; several of one name are delivered in the
-    order they were sent, each once.
+    order they were sent, each once. ``timeout=0`` takes a buffered signal if there is
+    one and raises TimeoutError otherwise.
 
     Raises:
         TimeoutError: no such signal came within ``timeout``.
+        ValueError: the name is empty, or the timeout negative, NaN or over ten years.
     """
     instance = current_instance("workflow.wait_for_signal()")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{_label()}: a signal name must be a non-empty string")
+    # Checked before the wait is issued: a wait left behind would take a signal meant
+    # for a later one.
+    seconds = None if timeout is None else _seconds(timeout, "the signal timeout")
     future = instance.wait_signal(name)
-    if timeout is None:
+    if seconds is None:
         return await future
-    seconds = _seconds(timeout, "the signal timeout")
+    # Not asyncio.wait_for, which gives up at once on a timeout of 0, before the store
+    # has had the chance to hand the wait a buffered signal: a zero timeout is a durable
+    # timer too, and the signal (an earlier step) wins a tie.
     try:
-        return await asyncio.wait_for(future, seconds)
-    except asyncio.TimeoutError:  # a distinct class before Python 3.11
-        raise TimeoutError(f"{_label()}: no signal {name!r} within {seconds:g} s") from None
+        await asyncio.wait({future}, timeout=seconds)
+    finally:
+        if not future.done():
+            future.cancel()
+    if future.cancelled():
+        raise TimeoutError(f"{_label()}: no signal {name!r} within {seconds:g} s")
+    return future.result()
 
 
 def set_status(key: str, value: Any) -> None:
@@ -184,6 +195,23 @@ class RetryPolicy:
     backoff: float = 2.0
     max_interval: float = 100.0
     non_retryable: Sequence[type[BaseException] | str] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (isinstance(self.max_attempts, int) and self.max_attempts >= 0):
+            problems.append(
+                f"max_attempts must be an int >= 0 (0: no limit), not {self.max_attempts!r}"
+            )
+        if not 0 <= self.initial_interval <= MAX_TIMER_SECONDS:
+            problems.append(f"initial_interval must be seconds >= 0, not {self.initial_interval!r}")
+        if not 1 <= self.backoff < math.inf:
+            problems.append(f"backoff must be a factor >= 1, not {self.backoff!r}")
+        if not self.initial_interval <= self.max_interval <= MAX_TIMER_SECONDS:
+            problems.append(
+                f"max_interval must be at least initial_interval, not {self.max_interval!r}"
+            )
+        if problems:
+            raise ValueError(f"RetryPolicy: {'; '.join(problems)}")
 
     def interval(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""

@@ -6,8 +6,8 @@ Runs two expense claims with nothing installed (in-memory broker, SQLite store, 
 in this process). The script plays the manager for the first claim and approves it; the
 second gets no answer, is escalated, and is rejected when the director is silent too.
 While a claim waits it holds no worker: it is a row in SQL and a durable timer.
-HUMAN_APPROVAL_TIMEOUT sets the seconds each person has to answer (default 2).
-HUMAN_APPROVAL_BROKER and HUMAN_APPROVAL_DB point it at a real broker and store.
+HUMAN_APPROVAL_TIMEOUT sets the seconds each person has to answer the second claim
+(default 2); HUMAN_APPROVAL_BROKER and HUMAN_APPROVAL_DB point it at a real broker and store.
 """
 
 import os
@@ -49,14 +49,15 @@ def waiting_for(handle: WorkflowHandle[str], person: str) -> None:
 
 if __name__ == "__main__":
     with embedded_worker(app):
-        claims = {f"claim-{uuid.uuid4().hex[:6]}": amount for amount in (120, 4800)}
-        handles = {
-            c: expense_claim.apply_async((c, a, TIMEOUT), workflow_id=c) for c, a in claims.items()
-        }
-        first, second = handles.values()
+        # (claim, amount, seconds each person has): an hour for the one the script approves.
+        claims = [
+            (f"claim-{uuid.uuid4().hex[:6]}", amount, t)
+            for amount, t in ((120, 3600), (4800, TIMEOUT))
+        ]
+        first, second = (expense_claim.apply_async(c, workflow_id=c[0]) for c in claims)
         waiting_for(first, "manager")
         print(f"{first.id}: the manager approves")
         first.signal("decision", {"verdict": "approved", "by": "manager"})
         print(f"{second.id}: nobody answers")
-        for claim, handle in handles.items():
-            print(f"{claim}: {handle.get(timeout=60)}")
+        for handle in (first, second):
+            print(f"{handle.id}: {handle.get(timeout=60)}")

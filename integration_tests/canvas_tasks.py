@@ -13,15 +13,17 @@ plain Celery with a Redis result backend).
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from celery import chain, chord, group, shared_task
+from celery import Celery, chain, chord, group, shared_task
 from celery.canvas import Signature
 
-from .wfapp import _append_effect, pause_once, step_value
+from .wfapp import _append_effect, configure, pause_once, step_value
 
 
 def _effect(task: Any, i: int, hold: bool) -> None:
@@ -159,3 +161,19 @@ def basic_shapes() -> dict[str, Callable[[], Shape]]:
         "chain of 10 chords": lambda: chain_of_chords(10, 10),
         "chord of 1000": lambda: chord_of(1000),
     }
+
+
+def celery_results(result_url: str) -> dict[str, Any]:
+    """Every basic shape's result from plain Celery, with ``result_url`` as its result
+    backend (the broker and queue come from the ``DURABLE_IT_*`` environment)."""
+    app = configure(Celery("canvas-celery"), os.environ)
+    app.conf.result_backend = result_url
+    app.set_current()  # signatures of shared tasks are sent by the current app's tasks
+    return {
+        name: make().signature.apply_async().get(timeout=120)
+        for name, make in basic_shapes().items()
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(celery_results(sys.argv[1])))

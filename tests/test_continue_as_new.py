@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from celery import Celery, shared_task
 
-from celery_durable import WorkflowEncodeError, WorkflowHandle, durable_workflow, workflow
+from celery_durable import WorkflowEncodeError, WorkflowHandle, _config, durable_workflow, workflow
 from celery_durable._config import store_for
+from celery_durable._driver import DriverTurn
+from celery_durable.testing import configure_embedded
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -160,3 +162,48 @@ def test_a_child_that_continues_as_new_gives_its_parent_the_final_result(app: Ce
     [step] = handle.history
     assert step.child_id is not None
     assert WorkflowHandle(step.child_id, app=app).status == "SUCCESS"
+
+
+# -- races, with the driver's turns run by hand -------------------------------------------
+
+
+@durable_workflow
+async def counts_up(n: int) -> int:
+    if n < 3:
+        workflow.continue_as_new(n + 1)
+    return n
+
+
+@pytest.fixture
+def idle_app(tmp_path: Any) -> Iterator[Celery]:
+    """An app whose messages nobody consumes: the test runs each driver turn itself."""
+    app = Celery("durable-by-hand", broker="memory://", set_as_current=False)
+    configure_embedded(app, f"sqlite:///{tmp_path}/by-hand.sqlite3")
+    app.conf.task_default_queue = f"durable-tests-by-hand-{uuid.uuid4().hex[:8]}"
+    yield app
+    store = _config._stores.pop(_config.settings_for(app).database_url, None)
+    if store is not None:
+        store.dispose()
+
+
+def test_a_cancel_sent_while_the_run_continues_as_new_is_kept(
+    idle_app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counts_up.apply_async((0,), workflow_id="racing-cancel", app=idle_app)
+    store = store_for(idle_app)
+    real_commit = store.commit_turn
+    sent: list[str] = []
+
+    def commit_after_a_cancel(run_id: str, write: Any) -> Any:
+        if write.restart is not None and not sent:
+            # The operator cancels after the turn read the run, before it commits.
+            sent.append(run_id)
+            store.request_cancel(run_id)
+        return real_commit(run_id, write)
+
+    monkeypatch.setattr(store, "commit_turn", commit_after_a_cancel)
+
+    status = DriverTurn(idle_app, counts_up.name, counts_up.fn, "racing-cancel").run()
+
+    assert sent == ["racing-cancel"]
+    assert status == "CANCELLED"  # the new run got the cancel instead of counting on

@@ -6,6 +6,7 @@ workflow before a wait exists), never with sleeps in the test.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -168,6 +169,44 @@ def test_a_signal_within_the_timeout_wins(app: Celery) -> None:
         ("signal", "DELIVERED"),
         ("timer", "CANCELLED"),
     ]
+
+
+@durable_workflow
+async def polls_for_signals(polls: int) -> list[Any]:
+    """Takes what is buffered, never waiting: ``timeout=0``."""
+    await workflow.wait_for_signal("go")
+    taken = []
+    for _ in range(polls):
+        try:
+            taken.append(await workflow.wait_for_signal("item", timeout=0))
+        except TimeoutError:
+            taken.append("none")
+    return taken
+
+
+def test_a_zero_timeout_takes_a_buffered_signal_or_times_out(app: Celery, cache_size: int) -> None:
+    handle = polls_for_signals.delay(3)
+    wait_until(waits_on(handle, "go"), "the run to wait for go")
+
+    handle.signal("item", "a")
+    handle.signal("item", "b")
+    handle.signal("go")
+
+    assert handle.get(timeout=TIMEOUT) == ["a", "b", "none"]
+
+
+@durable_workflow
+async def waits_with_a_bad_timeout() -> list[Any]:
+    with contextlib.suppress(ValueError):
+        await workflow.wait_for_signal("item", timeout=-1)
+    return [await workflow.wait_for_signal("item")]
+
+
+def test_a_bad_timeout_leaves_no_wait_behind_to_take_a_signal(app: Celery) -> None:
+    handle = waits_with_a_bad_timeout.delay()
+    handle.signal("item", 1)
+    assert handle.get(timeout=TIMEOUT) == [1]
+    assert [s.name for s in handle.history] == ["item"]
 
 
 @durable_workflow
