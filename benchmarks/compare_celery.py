@@ -13,9 +13,15 @@ warm-up run of everything, then times, ``--repeat`` times each and interleaved:
 Celery's side uses a Redis result backend; the durable side needs none (its outcomes are
 in the store) and waits with ``WorkflowHandle.get``. Both are timed from the client's
 first call to the result in hand, and the median of the repeats is printed with the
-ratio durable/celery. The tasks themselves do nothing, so what is measured is each
-engine's own cost per step. The machine's noise affects both sides alike: read the
-ratios, not the seconds.
+ratio durable/celery, in wall time and in CPU time (of the workers, the store's
+PostgreSQL backends, Redis and the client: see :class:`CpuMeter`). The tasks themselves
+do nothing, so what is measured is each engine's own cost per step. The machine's noise
+affects both sides alike: read the ratios, not the seconds; on a busy machine the CPU
+ratio moves less than the wall-time one.
+
+For digging into one side: ``--rows sequential|fanout`` and ``--only durable|celery``
+narrow what is timed, ``--profile-dir DIR`` has every worker process write cProfile
+stats there (``BENCH_PROFILE_CLOCK=cpu`` for CPU time), ``--log-dir`` keeps the logs.
 
 The broker queue, Redis databases and PostgreSQL database are the benchmark's own (see
 the options), so it can run beside the test suite. The store's rows of the benchmark's

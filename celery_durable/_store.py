@@ -1477,7 +1477,19 @@ class Store:
                         s.runs.c.status.in_(ACTIVE),
                         or_(s.runs.c.woken_at.is_(None), s.runs.c.woken_at < cutoff),
                         or_(
-                            and_(s.runs.c.turn == 0, s.runs.c.updated_at < cutoff),
+                            and_(
+                                s.runs.c.turn == 0,
+                                s.runs.c.updated_at < cutoff,
+                                # A run never driven is most often just queued behind a
+                                # burst of starts. Waiting as long again as it has waited
+                                # (up to 64 periods) before each new wake keeps a backlog
+                                # from being flooded with copies of its own wakes.
+                                or_(
+                                    s.runs.c.woken_at - s.runs.c.created_at
+                                    <= now - s.runs.c.woken_at,
+                                    s.runs.c.woken_at < now - 64 * older_than,
+                                ),
+                            ),
                             s.runs.c.id.in_(has_outcome),
                             and_(
                                 s.runs.c.cancel_requested.is_(True),

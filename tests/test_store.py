@@ -506,6 +506,17 @@ def test_runs_to_wake_finds_runs_never_driven(store: Store, clock: Clock) -> Non
     assert [r.id for r in store.runs_to_wake(older_than=10)] == ["run-1"]
 
 
+def test_a_run_queued_long_is_woken_again_ever_less_often(store: Store, clock: Clock) -> None:
+    create(store)  # its first wake waits behind a backlog that takes minutes to drain
+    woken = []
+    for second in range(1, 301):
+        clock.advance(1)
+        if store.runs_to_wake(older_than=10):
+            woken.append(second)
+    # Each new wake waits as long as the run had waited when the previous one was sent.
+    assert woken == [11, 22, 44, 88, 176]
+
+
 def test_runs_to_wake_finds_undelivered_outcomes_only(store: Store, clock: Clock) -> None:
     start(store, "a", run_id="waiting")  # a step out, no outcome: nothing to do
     start(store, "a", run_id="has-outcome")
