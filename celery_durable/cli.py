@@ -77,8 +77,6 @@ def show(ctx: click.Context, workflow_id: str) -> None:
         click.echo(f"run:      {run.id}")
         click.echo(f"workflow: {run.workflow}")
         click.echo(f"status:   {run.status} (turn {run.turn})")
-        if run.progress:  # what the workflow published with workflow.set_status()
-            click.echo(f"progress: {_short(dict(run.progress), 200)}")
         click.echo(f"input:    args={_short(args)} kwargs={_short(kwargs)}")
         click.echo(f"created:  {_when(run.created_at)}  finished: {_when(run.finished_at)}")
         if run.progress:

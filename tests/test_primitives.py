@@ -438,7 +438,7 @@ def test_set_status_is_visible_while_the_run_is_in_flight(app: Celery) -> None:
     # `celery durable show` prints them too.
     shown = CliRunner().invoke(durable, ["show", handle.id], obj=SimpleNamespace(app=app))
     assert shown.exit_code == 0, shown.output
-    assert 'progress: {"stage": "waiting for approval", "done": 3}' in shown.output
+    assert 'status values: {"stage": "waiting for approval", "done": 3}' in shown.output
 
     handle.signal("approve")
     assert handle.get(timeout=TIMEOUT) == "ok"
