@@ -161,10 +161,7 @@ class WorkflowInstance:
         options: Mapping[str, Any],
     ) -> asyncio.Future[Any]:
         """Issue a :class:`ScheduleActivity` and return the future its outcome resolves."""
-        command = ScheduleActivity(self._next_seq, name, tuple(args), dict(kwargs), dict(options))
-        if self._encode is not None:
-            command = replace(command, payload=self._encode(command))
-        return self._wait(replace(command, seq=self._allocate(command.kind)))
+        return self._wait(self._with_input(ScheduleActivity, name, args, kwargs, options))
 
     def start_child(
         self,
@@ -174,10 +171,22 @@ class WorkflowInstance:
         options: Mapping[str, Any],
     ) -> asyncio.Future[Any]:
         """Issue a :class:`StartChild`; the future resolves with the child's result."""
-        command = StartChild(self._next_seq, name, tuple(args), dict(kwargs), dict(options))
+        return self._wait(self._with_input(StartChild, name, args, kwargs, options))
+
+    def _with_input(
+        self,
+        kind: type[ScheduleActivity] | type[StartChild],
+        name: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        options: Mapping[str, Any],
+    ) -> ScheduleActivity | StartChild:
+        # Encoded before a seq is taken: input the serializer refuses fails at the await
+        # and leaves the step numbering as if the step had never been asked for.
+        command = kind(self._next_seq, name, tuple(args), dict(kwargs), dict(options))
         if self._encode is not None:
             command = replace(command, payload=self._encode(command))
-        return self._wait(replace(command, seq=self._allocate(command.kind)))
+        return replace(command, seq=self._allocate(command.kind))
 
     def run_local(
         self, fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]
