@@ -32,7 +32,7 @@ app = Celery(
 app.conf.update(
     task_default_queue=os.environ.get("BENCH_QUEUE", "durable_waiting_bench"),
     durable_database_url=os.environ.get(
-        "BENCH_STORE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/durable_bench"
+        "BENCH_STORE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/durable_waiting_bench"
     ),
     result_expires=3600,
     broker_connection_retry_on_startup=True,

@@ -21,8 +21,9 @@ All along, the worker's resident memory (main process plus pool children, from
 ``/proc``) is sampled every 0.2 s; the table shows it before, at the peak of each phase,
 and after. Nothing here is asserted: it prints what it measured.
 
-The queue and PostgreSQL database are the benchmark's own (see the options); its rows
-are deleted before and after. ``--profile start`` (or ``signal``) prints where the
+The queue and PostgreSQL database are the benchmark's own (see the options), so it can
+run beside the test suite and ``compare_celery.py``; its rows are deleted before and
+after. ``--profile start`` (or ``signal``) prints where the
 client's time goes while starting runs (or signalling them).
 """
 
@@ -52,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/14"
 DEFAULT_RESULT = "redis://127.0.0.1:6379/15"
-DEFAULT_STORE = "postgresql+psycopg://postgres@127.0.0.1:5432/durable_bench"
+DEFAULT_STORE = "postgresql+psycopg://postgres@127.0.0.1:5432/durable_waiting_bench"
 DEFAULT_QUEUE = "durable_waiting_bench"
 
 

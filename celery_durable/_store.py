@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -1033,21 +1033,25 @@ class Store:
             )
             return self._flag_wake(conn, run_id, at, locked=True)
 
-    def fire_due_timers(self, limit: int = 1000) -> list[tuple[str, str, Mapping[str, Any]]]:
-        """Complete timers whose deadline has passed; returns the runs to wake."""
+    def fire_due_timers(
+        self, limit: int = 1000, workflows: Collection[str] | None = None
+    ) -> list[tuple[str, str, Mapping[str, Any]]]:
+        """Complete timers whose deadline has passed; returns the runs to wake.
+
+        ``workflows``: only timers of runs of these workflows (those the caller can
+        route wakes for); None: every timer.
+        """
         at = _now()
         with self._tx() as conn:
-            due = (
-                select(s.steps.c.run_id, s.steps.c.seq)
-                .where(
-                    and_(
-                        s.steps.c.state == SCHEDULED,
-                        s.steps.c.dispatched_at <= at,
-                        s.steps.c.kind == "timer",
-                    )
-                )
-                .limit(limit)
+            due_now = and_(
+                s.steps.c.state == SCHEDULED,
+                s.steps.c.dispatched_at <= at,
+                s.steps.c.kind == "timer",
             )
+            if workflows is not None:
+                ours = select(s.runs.c.id).where(s.runs.c.workflow.in_(list(workflows)))
+                due_now = and_(due_now, s.steps.c.run_id.in_(ours))
+            due = select(s.steps.c.run_id, s.steps.c.seq).where(due_now).limit(limit)
             if self.dialect == "postgresql":
                 due = due.with_for_update(skip_locked=True)
             rows = conn.execute(due).all()

@@ -156,8 +156,13 @@ class Sweeper:
             self._thread.join(timeout=10)
 
     def fire_timers(self) -> int:
-        """Fire the durable timers that are due and wake their runs; returns how many."""
-        wakes = store_for(self.app).fire_due_timers()
+        """Fire the durable timers that are due and wake their runs; returns how many.
+
+        Only timers of workflows this worker's app knows: another app sharing the store
+        would send their wakes to its own default queue, where nobody drives them.
+        """
+        known = [name for name, task in self.app.tasks.items() if hasattr(task, "durable")]
+        wakes = store_for(self.app).fire_due_timers(workflows=known)
         if wakes:
             with self.app.producer_or_acquire() as producer:
                 for run_id, workflow, options in wakes:

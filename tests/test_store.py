@@ -495,6 +495,20 @@ def test_stale_dispatches_race_has_one_taker(open_store: Callable[[], Store], cl
     assert sorted(taken) == [(f"run-{i}", seq) for i in range(4) for seq in (1, 2)]
 
 
+def test_due_timers_fire_only_for_the_workflows_asked(store: Store, clock: Clock) -> None:
+    # Two apps share the store; each worker fires the timers it can route wakes for.
+    for run_id, workflow in (("mine", "shop.checkout"), ("theirs", "other.app.poll")):
+        create(store, run_id, workflow)
+        assert store.begin_turn(run_id) is not None
+        timer = NewStep(1, "timer", "sleep", JSON, b"null", f"t-{run_id}", due=clock.now + 5)
+        assert commit(store, run_id, 0, [], [timer], clock.now)
+    clock.advance(6)
+
+    assert [wake[0] for wake in store.fire_due_timers(workflows=["shop.checkout"])] == ["mine"]
+    assert states(store, "theirs") == {1: "SCHEDULED"}
+    assert [wake[0] for wake in store.fire_due_timers()] == ["theirs"]
+
+
 def test_runs_to_wake_finds_runs_never_driven(store: Store, clock: Clock) -> None:
     create(store)
     assert store.runs_to_wake(older_than=10) == []
