@@ -61,7 +61,12 @@ from ._store import (
     TurnCommitted,
     TurnWrite,
 )
-from .errors import NonDeterminismError, WorkflowCancelledError, WorkflowEncodeError
+from .errors import (
+    HistoryWriteError,
+    NonDeterminismError,
+    WorkflowCancelledError,
+    WorkflowEncodeError,
+)
 
 __all__ = ["DriverTurn", "InstanceCache"]
 
@@ -210,7 +215,15 @@ class DriverTurn:
         plan = _Publish()
         self._plan(run, instance, commands, write, plan)
 
-        committed = self.store.commit_turn(self.run_id, write)
+        try:
+            committed = self.store.commit_turn(self.run_id, write)
+        except HistoryWriteError as exc:
+            # The database refuses this turn's writes and would refuse them again on
+            # every retry: park the run with the reason instead of waking it forever.
+            logger.error("%s is STUCK: %s", self._label, exc)
+            instance.close()
+            self.store.park(self.run_id, run.turn, STUCK, encode_error(exc))
+            return STUCK, False
         if committed is None:
             # Another turn moved the run on first. It may not have seen what this one
             # saw, so make sure someone looks again.

@@ -43,11 +43,23 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DataError,
+    DisconnectionError,
+    IntegrityError,
+    OperationalError,
+    SQLAlchemyError,
+)
 
 from . import _schema as s
 from ._codec import ErrorInfo
-from .errors import DurableError, SignalError, StoreUnavailableError, WorkflowNotFoundError
+from .errors import (
+    DurableError,
+    HistoryWriteError,
+    SignalError,
+    StoreUnavailableError,
+    WorkflowNotFoundError,
+)
 
 __all__ = [
     "CLAIMED",
@@ -716,6 +728,21 @@ class Store:
             return TurnStart(_run(row), [_step(r) for r in outcomes])
 
     def commit_turn(self, run_id: str, write: TurnWrite) -> TurnCommitted | None:
+        """Record a driver turn (see :meth:`_commit_turn`).
+
+        Raises:
+            HistoryWriteError: the database refused the turn's data (a constraint or a
+                value it cannot store), which a retry would not change.
+        """
+        try:
+            return self._commit_turn(run_id, write)
+        except (IntegrityError, DataError) as exc:
+            raise HistoryWriteError(
+                f"workflow run {run_id}: the store refused turn {write.turn + 1}: "
+                f"{exc.orig}. Fix the workflow (or the value it produced) and retry the run."
+            ) from exc
+
+    def _commit_turn(self, run_id: str, write: TurnWrite) -> TurnCommitted | None:
         """Record turn ``write.turn + 1`` if the run is still at ``write.turn``.
 
         Returns None when another turn moved the run first (nothing is written). In one

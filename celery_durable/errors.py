@@ -11,6 +11,7 @@ __all__ = [
     "ActivityError",
     "ActivityTimeoutError",
     "DurableError",
+    "HistoryWriteError",
     "NonDeterminismError",
     "NotInWorkflowError",
     "SignalError",
@@ -107,3 +108,10 @@ class WorkflowTerminatedError(DurableError):
 
 class SignalError(DurableError):
     """A signal could not be delivered: the run is finished or does not exist."""
+
+
+class HistoryWriteError(DurableError):
+    """The store refused to record a turn (a constraint or a value it cannot hold).
+
+    Retrying the same turn would fail the same way, so the run is parked as ``STUCK``.
+    """

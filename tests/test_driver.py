@@ -17,6 +17,7 @@ from celery import Celery, group, shared_task
 import celery_durable._driver
 from celery_durable import (
     ActivityError,
+    HistoryWriteError,
     NonDeterminismError,
     WorkflowAwaitError,
     WorkflowEncodeError,
@@ -603,3 +604,19 @@ def test_history_that_cannot_be_loaded_parks_the_run(
     run = store.require_run("unloadable")
     assert run.status == "STUCK"
     assert run.error is not None and run.error["message"] == "history table is corrupt"
+
+
+def test_a_turn_the_store_refuses_parks_the_run_as_stuck_with_the_reason(
+    idle_app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle = checkout.apply_async(("o-1", ["a"]), workflow_id="refused", app=idle_app)
+    store = _config.store_for(idle_app)
+
+    def refuse(run_id: str, write: Any) -> None:
+        raise HistoryWriteError(f"workflow run {run_id}: the store refused turn 1: bad value")
+
+    monkeypatch.setattr(store, "commit_turn", refuse)
+    assert turn(idle_app, checkout, "refused") == "STUCK"
+    assert handle.status == "STUCK"
+    with pytest.raises(HistoryWriteError, match="refused turn 1"):
+        handle.get(timeout=1)

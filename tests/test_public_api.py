@@ -17,6 +17,7 @@ EXPORTS = [
     "ActivityTimeoutError",
     "DurableError",
     "DurableWorkflow",
+    "HistoryWriteError",
     "NonDeterminismError",
     "NotInWorkflowError",
     "RetryPolicy",
