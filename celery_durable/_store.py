@@ -1491,8 +1491,18 @@ class Store:
                 if (d.run_id, d.seq) in set(taken)
             ]
 
-    def runs_to_wake(self, older_than: float, limit: int = 1000) -> list[RunRecord]:
-        """Active runs with work to do whose wake looks lost; each taken by one sweeper."""
+    def runs_to_wake(
+        self,
+        older_than: float,
+        limit: int = 1000,
+        workflows: Collection[str] | None = None,
+        exclude: Collection[str] = (),
+    ) -> list[RunRecord]:
+        """Active runs with work to do whose wake looks lost; each taken by one sweeper.
+
+        ``workflows`` limits it to runs of those workflows (the ones the caller can route
+        a wake for); ``exclude`` leaves those out.
+        """
         now = _now()
         cutoff = now - older_than
         has_outcome = (
@@ -1528,6 +1538,8 @@ class Store:
                                 s.runs.c.updated_at < cutoff,
                             ),
                         ),
+                        true() if workflows is None else s.runs.c.workflow.in_(list(workflows)),
+                        true() if not exclude else s.runs.c.workflow.not_in(list(exclude)),
                     )
                 )
                 .limit(limit)

@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
+from contextlib import suppress
 
 from celery import Celery
 
@@ -86,14 +87,25 @@ class Sweeper:
         released = resend(self.app, store.release_dead_claims(self.settings.worker_timeout))
         stale = resend(self.app, store.stale_dispatches(self.settings.stall_timeout), copies=True)
         woken = 0
-        runs = store.runs_to_wake(self.settings.stall_timeout)
+        known = self._known_workflows()
+        # Only runs whose wake this app can route: another app sharing the store has
+        # its own workers, queues and maybe broker.
+        runs = store.runs_to_wake(self.settings.stall_timeout, workflows=known)
         if runs:
             with self.app.producer_or_acquire() as producer:
                 for run in runs:
-                    if run.workflow not in self.app.tasks and self._park_unknown(run):
-                        continue
                     publish_wake(self.app, run.workflow, run.id, run.options, producer=producer)
                     woken += 1
+        # A run with work to do that no sweeper has woken for three stall periods has no
+        # live worker that knows its workflow (it fails to import?): park it, with why.
+        for run in store.runs_to_wake(3 * self.settings.stall_timeout, exclude=known):
+            self._park_unknown(run)
+        # ...and a worker that knows it again (fixed code deployed) takes it back.
+        for run in store.stuck_runs():
+            unknown = (run.error or {}).get("type") == UnknownWorkflowError.__name__
+            if unknown and run.workflow in known:
+                with suppress(DurableError):
+                    self._retry(run.id)
         if released or stale or woken:
             logger.warning(
                 "celery_durable sweeper: re-sent %d steps of dead workers, %d unclaimed "
@@ -104,28 +116,31 @@ class Sweeper:
             )
         return {"released": released, "stale": stale, "woken": woken}
 
-    def _park_unknown(self, run: RunRecord) -> bool:
-        """Park a run no worker seems able to drive (its module fails to import?).
+    def _known_workflows(self) -> list[str]:
+        return [name for name, task in self.app.tasks.items() if hasattr(task, "durable")]
 
-        Wakes for it have gone unanswered for a while and this worker does not know the
-        workflow either: rather than waking it forever, park it as STUCK with the reason.
-        Workers retry STUCK runs when they start, so it resumes once fixed code is deployed.
+    def _park_unknown(self, run: RunRecord) -> bool:
+        """Park a run that no live worker can drive, as STUCK with the reason.
+
+        Workers that know the workflow retry such runs when they start and on every
+        sweep, so it resumes once fixed code is deployed.
         """
         message = (
-            f"workflow {run.workflow}[{run.id}] is not making progress and this worker "
-            f"does not know the workflow {run.workflow!r}: make sure the workers import "
+            f"workflow {run.workflow}[{run.id}] is not making progress and no running "
+            f"worker knows the workflow {run.workflow!r}: make sure the workers import "
             "the module that defines it (Celery's `imports`/`include`, or autodiscovery) "
             "and that the module imports without errors"
         )
-        stalled_for = time.time() - run.updated_at
-        if stalled_for < 3 * self.settings.stall_timeout:
-            logger.error("%s", message)
-            return False
         error = encode_error(UnknownWorkflowError(message))
         if store_for(self.app).park(run.id, run.turn, STUCK, error):
             logger.error("%s; parked as STUCK", message)
             return True
         return False
+
+    def _retry(self, run_id: str) -> None:
+        from .client import WorkflowHandle
+
+        WorkflowHandle(run_id, app=self.app).retry()
 
     def retry_stuck(self) -> int:
         """Wake STUCK runs once (new code may have fixed them); returns how many."""
@@ -161,8 +176,7 @@ class Sweeper:
         Only timers of workflows this worker's app knows: another app sharing the store
         would send their wakes to its own default queue, where nobody drives them.
         """
-        known = [name for name, task in self.app.tasks.items() if hasattr(task, "durable")]
-        wakes = store_for(self.app).fire_due_timers(workflows=known)
+        wakes = store_for(self.app).fire_due_timers(workflows=self._known_workflows())
         if wakes:
             with self.app.producer_or_acquire() as producer:
                 for run_id, workflow, options in wakes:

@@ -520,6 +520,14 @@ def test_runs_to_wake_finds_runs_never_driven(store: Store, clock: Clock) -> Non
     assert [r.id for r in store.runs_to_wake(older_than=10)] == ["run-1"]
 
 
+def test_runs_to_wake_takes_only_the_workflows_asked_for(store: Store, clock: Clock) -> None:
+    create(store, "mine", workflow="shop.checkout")
+    create(store, "theirs", workflow="billing.invoice")
+    clock.advance(11)
+    assert [r.id for r in store.runs_to_wake(10, workflows=["shop.checkout"])] == ["mine"]
+    assert [r.id for r in store.runs_to_wake(10, exclude=["shop.checkout"])] == ["theirs"]
+
+
 def test_a_run_queued_long_is_woken_again_ever_less_often(store: Store, clock: Clock) -> None:
     create(store)  # its first wake waits behind a backlog that takes minutes to drain
     woken = []
