@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -154,6 +155,32 @@ def test_shop_example_on_redis_and_postgresql(tmp_path: Path) -> None:
     )
     assert "status:   SUCCESS" in shown
     assert "examples.shop.charge" in shown
+    # The README's "Operating it" commands, as written there.
+    for line in _readme_cli_lines():
+        done = subprocess.run(
+            [sys.executable, "-m", *shlex.split(line)],
+            cwd=ROOT,
+            env=_env(**env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if " retry " in line:  # the example's run succeeded: nothing to retry, said clearly
+            assert done.returncode == 1 and "only STUCK or FAILURE" in done.stdout + done.stderr
+        else:
+            assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
+
+
+def _readme_cli_lines() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    lines = [
+        line.split("  #")[0].strip()
+        for block in blocks
+        for line in block.splitlines()
+        if line.startswith("celery -A examples.shop durable")
+    ]
+    assert len(lines) >= 5
+    return lines
 
 
 def _python_blocks() -> list[str]:
