@@ -9,29 +9,23 @@ IMMEDIATE``) and PostgreSQL (psycopg 3) are supported.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
-from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Connection,
-    Engine,
     Float,
     Integer,
     String,
     and_,
     bindparam,
     case,
-    create_engine,
     delete,
-    event,
     func,
     insert,
     inspect,
@@ -42,10 +36,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     DataError,
-    DisconnectionError,
     IntegrityError,
     OperationalError,
     SQLAlchemyError,
@@ -53,6 +45,37 @@ from sqlalchemy.exc import (
 
 from . import _schema as s
 from ._codec import ErrorInfo
+from ._engine import fork_gate, live_stores, make_engine, safe_url
+from ._records import (
+    ACTIVE,
+    CANCELLED,
+    CLAIMED,
+    DELIVERED,
+    DONE,
+    FAILURE,
+    FINISHED,
+    OPEN_STEP_STATES,
+    PENDING,
+    RUNNING,
+    SCHEDULED,
+    STEP_CANCELLED,
+    STUCK,
+    SUCCESS,
+    TERMINATED,
+    CancelledStep,
+    Dispatch,
+    NewRun,
+    NewStep,
+    RunRecord,
+    StepRecord,
+    TurnCommitted,
+    TurnStart,
+    TurnWrite,
+    run_record,
+    run_row,
+    step_record,
+    step_row,
+)
 from .errors import (
     DurableError,
     HistoryWriteError,
@@ -61,323 +84,38 @@ from .errors import (
     WorkflowNotFoundError,
 )
 
+# The records and statuses are re-exported: callers think of them as the store's.
 __all__ = [
+    "ACTIVE",
+    "CANCELLED",
     "CLAIMED",
     "DELIVERED",
     "DONE",
+    "FAILURE",
+    "FINISHED",
+    "PENDING",
+    "RUNNING",
     "SCHEDULED",
+    "STUCK",
+    "SUCCESS",
+    "TERMINATED",
+    "CancelledStep",
     "Dispatch",
     "NewRun",
     "NewStep",
     "RunRecord",
     "StepRecord",
     "Store",
+    "TurnCommitted",
     "TurnStart",
+    "TurnWrite",
 ]
 
 logger = logging.getLogger(__name__)
 
-# Run statuses (Celery's names where the meaning matches).
-PENDING, RUNNING, SUCCESS, FAILURE, STUCK = "PENDING", "RUNNING", "SUCCESS", "FAILURE", "STUCK"
-CANCELLED, TERMINATED = "CANCELLED", "TERMINATED"
-ACTIVE = (PENDING, RUNNING)
-FINISHED = (SUCCESS, FAILURE, CANCELLED, TERMINATED)
-
-# Step states. CANCELLED: nobody waits for the step any more.
-SCHEDULED, CLAIMED, DONE, DELIVERED = "SCHEDULED", "CLAIMED", "DONE", "DELIVERED"
-STEP_CANCELLED = "CANCELLED"
-OPEN_STEP_STATES = (SCHEDULED, CLAIMED, DONE)
-
-
-@dataclass(frozen=True)
-class NewRun:
-    """A run to create."""
-
-    id: str
-    workflow: str
-    content_type: str
-    input: bytes
-    options: Mapping[str, Any] = field(default_factory=dict)
-    parent_id: str | None = None
-    parent_seq: int | None = None
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """A run as stored."""
-
-    id: str
-    workflow: str
-    status: str
-    turn: int
-    content_type: str
-    input: bytes
-    result: bytes | None
-    error: ErrorInfo | None
-    options: Mapping[str, Any]
-    created_at: float
-    started_at: float | None
-    updated_at: float
-    finished_at: float | None
-    parent_id: str | None = None
-    parent_seq: int | None = None
-    attempt: int = 1
-    seq_base: int = 0
-    cancel_requested: bool = False
-    cancel_turn: int | None = None
-    cancel_at: float | None = None
-    progress: Mapping[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class NewStep:
-    """A step a driver turn schedules.
-
-    Most steps start SCHEDULED; a local step starts DONE with its outcome, a patch marker
-    DELIVERED. A timer's ``due`` is its deadline (UNIX seconds).
-    """
-
-    seq: int
-    kind: str
-    name: str
-    content_type: str
-    input: bytes
-    dispatch_id: str
-    state: str = SCHEDULED
-    result: bytes | None = None
-    error: ErrorInfo | None = None
-    due: float | None = None
-    child_id: str | None = None
-
-
-@dataclass
-class TurnWrite:
-    """Everything one driver turn records, committed together and fenced on ``turn``."""
-
-    turn: int
-    at: float
-    delivered: Sequence[int] = ()
-    new_steps: Sequence[NewStep] = ()
-    cancelled: Sequence[int] = ()
-    progress: Mapping[str, Any] | None = None
-    cancel_delivered: bool = False
-    status: str = RUNNING
-    result: tuple[str, bytes] | None = None
-    error: ErrorInfo | None = None
-    children: Sequence[NewRun] = ()
-    #: Continue-as-new: the new input; the run's history is cleared.
-    restart: tuple[str, bytes] | None = None
-
-
-@dataclass(frozen=True)
-class CancelledStep:
-    """A step a turn cancelled, with what is needed to stop it."""
-
-    seq: int
-    kind: str
-    dispatch_id: str
-    child_id: str | None
-
-
-@dataclass(frozen=True)
-class TurnCommitted:
-    """What a committed turn leaves the driver to do after the commit."""
-
-    #: Signal waits the commit matched with buffered signals: deliver in another turn.
-    ready_now: bool
-    cancelled: list[CancelledStep]
-    #: A finished child's parent, to wake: (run id, workflow, driver options).
-    parent: tuple[str, str, Mapping[str, Any]] | None
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """A step as stored."""
-
-    run_id: str
-    seq: int
-    kind: str
-    name: str
-    created_turn: int
-    state: str
-    dispatch_id: str
-    attempts: int
-    content_type: str
-    input: bytes
-    outcome: str | None
-    result: bytes | None
-    error: ErrorInfo | None
-    dispatched_at: float
-    completed_at: float | None
-    observed_turn: int | None
-    observed_at: float | None
-    claimed_by: str | None
-    child_id: str | None = None
-
-
-@dataclass(frozen=True)
-class Dispatch:
-    """What is needed to (re)publish one step's message."""
-
-    run_id: str
-    seq: int
-    name: str
-    dispatch_id: str
-    content_type: str
-    input: bytes
-    workflow: str
-    driver_options: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class TurnStart:
-    """What a driver turn reads first: the run and the outcomes not yet delivered."""
-
-    run: RunRecord
-    new_outcomes: list[StepRecord]
-
 
 def _now() -> float:
     return time.time()
-
-
-_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-_live_stores: weakref.WeakSet[Store] = weakref.WeakSet()
-
-
-class _ForkGate:
-    """Makes a fork wait until no SQLite transaction of this process is in flight.
-
-    SQLite keeps a process's file locks in process-wide structures. A child forked while
-    another thread (the sweeper) is inside a transaction inherits a copy saying that a
-    connection it does not have holds the lock, and every write of the child then fails
-    with "database is locked" (seen with the prefork pool forking while the sweeper ran).
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._active = 0
-
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        with self._cond:
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._active -= 1
-                if not self._active:
-                    self._cond.notify_all()
-
-    def before_fork(self) -> None:
-        # Keep the lock through the fork so that no transaction starts meanwhile; a
-        # transaction that does not end in time (the forking thread's own) is not waited for.
-        self._cond.acquire()
-        self._cond.wait_for(lambda: not self._active, timeout=10)
-
-    def after_fork_in_parent(self) -> None:
-        self._cond.release()
-
-    def after_fork_in_child(self) -> None:
-        self._cond = threading.Condition()
-        self._active = 0
-
-
-_fork_gate = _ForkGate()
-
-
-def _dispose_after_fork() -> None:
-    # A forked child (prefork pool) must not share its parent's sockets or SQLite handles;
-    # close=False leaves the parent's connections alone and gives the child a fresh pool.
-    for engine in list(_engines):
-        engine.dispose(close=False)
-    # The parent's sweeper thread may have held a store's lock at the moment of the fork;
-    # that thread does not exist in the child, so the child's copy would stay locked.
-    for store in list(_live_stores):
-        store._ready_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_fork_gate.before_fork,
-        after_in_parent=_fork_gate.after_fork_in_parent,
-        after_in_child=_fork_gate.after_fork_in_child,
-    )
-    os.register_at_fork(after_in_child=_dispose_after_fork)
-
-
-def _make_engine(url: str) -> Engine:
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        if database and database != ":memory:":
-            directory = os.path.dirname(os.path.abspath(database))
-            try:
-                os.makedirs(directory, exist_ok=True)
-            except OSError as exc:
-                raise StoreUnavailableError(
-                    f"cannot create the directory {directory!r} of the SQLite workflow store "
-                    f"{_safe_url(url)}: {exc}. Check app.conf.durable_database_url."
-                ) from exc
-        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
-            # Hand transaction control to the "begin" hook below (pysqlite's own is lazy).
-            dbapi_connection.isolation_level = None
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA busy_timeout=60000")
-            cursor.close()
-
-        @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn: Connection) -> None:
-            # Writers take the lock up front: a deferred transaction that upgrades to a
-            # write fails with SQLITE_BUSY at once instead of waiting its turn.
-            if conn.get_execution_options().get("durable_readonly"):
-                conn.exec_driver_sql("BEGIN")
-            else:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    else:
-        engine = create_engine(url, pool_size=5, max_overflow=20)
-        _ping_when_idle(engine)
-    _engines.add(engine)
-    return engine
-
-
-#: Seconds a pooled connection may sit unused before it is pinged at its next checkout.
-PING_AFTER_IDLE = 1.0
-
-
-def _ping_when_idle(engine: Engine) -> None:
-    """Check a pooled connection with a round trip only if it has been idle for a while.
-
-    ``pool_pre_ping`` pings at every checkout, one extra round trip per transaction on
-    the hot path. A connection that served a transaction a moment ago is alive; the ones
-    that die quietly (a server restart, an idle timeout) are the ones left unused.
-    """
-
-    @event.listens_for(engine, "checkin")
-    def _checkin(dbapi_connection: Any, record: Any) -> None:
-        record.info["durable_idle_since"] = time.monotonic()
-
-    @event.listens_for(engine, "checkout")
-    def _checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        idle_since = record.info.get("durable_idle_since")
-        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE:
-            return
-        try:
-            engine.dialect.do_ping(dbapi_connection)
-        except Exception as exc:
-            # The pool discards this connection and checks out a fresh one.
-            raise DisconnectionError(f"stale pooled connection: {exc}") from exc
-
-
-def _safe_url(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
 
 
 class _HotStatements:
@@ -507,12 +245,12 @@ class Store:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine = _make_engine(url)
+        self.engine = make_engine(url)
         self.dialect = self.engine.dialect.name
         self._ready = False
         self._ready_lock = threading.Lock()
         self._hot = _HotStatements(self._no_disk_wait())
-        _live_stores.add(self)
+        live_stores.add(self)
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -569,14 +307,14 @@ class Store:
             return self.engine.connect()
         except OperationalError as exc:
             raise StoreUnavailableError(
-                f"cannot reach the workflow store at {_safe_url(self.url)}: {exc.orig}. "
+                f"cannot reach the workflow store at {safe_url(self.url)}: {exc.orig}. "
                 "Check app.conf.durable_database_url and that the database server is "
                 "running."
             ) from exc
 
     def _fork_gate(self) -> AbstractContextManager[None]:
         # Only SQLite needs it: psycopg connections already ignore a fork.
-        return _fork_gate.held() if self.dialect == "sqlite" else nullcontext()
+        return fork_gate.held() if self.dialect == "sqlite" else nullcontext()
 
     def ensure_schema(self) -> None:
         """Create the tables if they are missing and check the schema version."""
@@ -590,7 +328,7 @@ class Store:
                     self._create_schema()
             except OperationalError as exc:
                 raise StoreUnavailableError(
-                    f"cannot reach the workflow store at {_safe_url(self.url)}: {exc.orig}. "
+                    f"cannot reach the workflow store at {safe_url(self.url)}: {exc.orig}. "
                     "Check app.conf.durable_database_url and that the database server is "
                     "running."
                 ) from exc
@@ -618,7 +356,7 @@ class Store:
                     )
             elif int(row) > s.SCHEMA_VERSION:
                 raise DurableError(
-                    f"the workflow store at {_safe_url(self.url)} has schema version {row}, "
+                    f"the workflow store at {safe_url(self.url)} has schema version {row}, "
                     f"newer than this celery_durable understands ({s.SCHEMA_VERSION}); "
                     "upgrade celery_durable on this machine"
                 )
@@ -664,7 +402,7 @@ class Store:
         dialect_insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
         statement = (
             dialect_insert(s.runs)
-            .values(**_run_row(new, _now()))
+            .values(**run_row(new, _now()))
             .on_conflict_do_nothing(index_elements=[s.runs.c.id])
             .returning(s.runs.c.id)
         )
@@ -675,14 +413,14 @@ class Store:
         """The run with this id, or None."""
         with self._tx(readonly=True) as conn:
             row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
-        return None if row is None else _run(row)
+        return None if row is None else run_record(row)
 
     def require_run(self, run_id: str) -> RunRecord:
         """The run with this id, or :class:`WorkflowNotFoundError`."""
         run = self.get_run(run_id)
         if run is None:
             raise WorkflowNotFoundError(
-                f"no workflow run with id {run_id!r} in the store at {_safe_url(self.url)}; "
+                f"no workflow run with id {run_id!r} in the store at {safe_url(self.url)}; "
                 "check the id and that this process uses the same durable_database_url"
             )
         return run
@@ -702,7 +440,7 @@ class Store:
         if workflow:
             query = query.where(s.runs.c.workflow == workflow)
         with self._tx(readonly=True) as conn:
-            return [_run(r) for r in conn.execute(query)]
+            return [run_record(r) for r in conn.execute(query)]
 
     def history(self, run_id: str) -> list[StepRecord]:
         """Every step of a run, in order."""
@@ -710,7 +448,7 @@ class Store:
             rows = conn.execute(
                 select(s.steps).where(s.steps.c.run_id == run_id).order_by(s.steps.c.seq)
             )
-            return [_step(r) for r in rows]
+            return [step_record(r) for r in rows]
 
     # -- driver turns --------------------------------------------------------------------
 
@@ -725,7 +463,7 @@ class Store:
             if row is None:
                 return None
             outcomes = conn.execute(self._hot.outcomes, {"b_run": run_id})
-            return TurnStart(_run(row), [_step(r) for r in outcomes])
+            return TurnStart(run_record(row), [step_record(r) for r in outcomes])
 
     def commit_turn(self, run_id: str, write: TurnWrite) -> TurnCommitted | None:
         """Record a driver turn (see :meth:`_commit_turn`).
@@ -798,10 +536,10 @@ class Store:
                 conn.execute(self._hot.deliver, {**key, "b_seqs": list(write.delivered)})
             if write.new_steps:
                 conn.execute(
-                    insert(s.steps), [_step_row(run_id, turn + 1, at, n) for n in write.new_steps]
+                    insert(s.steps), [step_row(run_id, turn + 1, at, n) for n in write.new_steps]
                 )
             for child in write.children:
-                conn.execute(insert(s.runs).values(**_run_row(child, at)))
+                conn.execute(insert(s.runs).values(**run_row(child, at)))
             cancelled = self._cancel_steps(conn, run_id, write.cancelled, at)
             # Matching reads every step of the run, so only a turn that adds a wait, or
             # gives a cancelled wait's signal back, does it: a signal that finds its wait
@@ -1210,7 +948,7 @@ class Store:
             row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
             if row is None:
                 raise WorkflowNotFoundError(f"no workflow run with id {run_id!r} to retry")
-            run = _run(row)
+            run = run_record(row)
             if run.status == STUCK:
                 conn.execute(
                     update(s.runs)
@@ -1557,14 +1295,14 @@ class Store:
                     .values(woken_at=now, wake_pending=True)
                 ).rowcount
                 if moved:
-                    taken.append(_run(row))
+                    taken.append(run_record(row))
             return taken
 
     def stuck_runs(self, limit: int = 1000) -> list[RunRecord]:
         """Runs parked as STUCK (retried when new code starts)."""
         with self._tx(readonly=True) as conn:
             rows = conn.execute(select(s.runs).where(s.runs.c.status == STUCK).limit(limit))
-            return [_run(r) for r in rows]
+            return [run_record(r) for r in rows]
 
     def forget_workers(self, older_than: float) -> None:
         """Delete worker rows long gone and holding no claims."""
@@ -1611,97 +1349,3 @@ def _dispatches(
         )
         for r in conn.execute(query)
     ]
-
-
-def _step_row(run_id: str, turn: int, at: float, step: NewStep) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "seq": step.seq,
-        "kind": step.kind,
-        "name": step.name,
-        "created_turn": turn,
-        "state": step.state,
-        "dispatch_id": step.dispatch_id,
-        "dispatched_at": step.due if step.due is not None else at,
-        "redispatches": 0,
-        "attempts": 0,
-        "content_type": step.content_type,
-        "input": step.input,
-        "outcome": None if step.state == SCHEDULED else ("error" if step.error else "ok"),
-        "result": step.result,
-        "error": step.error,
-        "completed_at": None if step.state == SCHEDULED else at,
-        "observed_turn": turn if step.state == DELIVERED else None,
-        "observed_at": at if step.state == DELIVERED else None,
-        "child_id": step.child_id,
-    }
-
-
-def _run_row(new: NewRun, at: float) -> dict[str, Any]:
-    return {
-        "id": new.id,
-        "workflow": new.workflow,
-        "status": PENDING,
-        "turn": 0,
-        "wake_pending": True,
-        "woken_at": at,
-        "content_type": new.content_type,
-        "input": new.input,
-        "options": dict(new.options),
-        "created_at": at,
-        "updated_at": at,
-        "parent_id": new.parent_id,
-        "parent_seq": new.parent_seq,
-        "attempt": 1,
-        "seq_base": 0,
-    }
-
-
-def _run(row: Any) -> RunRecord:
-    return RunRecord(
-        id=row.id,
-        workflow=row.workflow,
-        status=row.status,
-        turn=row.turn,
-        content_type=row.content_type,
-        input=row.input,
-        result=row.result,
-        error=row.error,
-        options=row.options or {},
-        created_at=row.created_at,
-        started_at=row.started_at,
-        updated_at=row.updated_at,
-        finished_at=row.finished_at,
-        parent_id=row.parent_id,
-        parent_seq=row.parent_seq,
-        attempt=row.attempt or 1,
-        seq_base=row.seq_base or 0,
-        cancel_requested=bool(row.cancel_requested),
-        cancel_turn=row.cancel_turn,
-        cancel_at=row.cancel_at,
-        progress=row.progress,
-    )
-
-
-def _step(row: Any) -> StepRecord:
-    return StepRecord(
-        run_id=row.run_id,
-        seq=row.seq,
-        kind=row.kind,
-        name=row.name,
-        created_turn=row.created_turn,
-        state=row.state,
-        dispatch_id=row.dispatch_id,
-        attempts=row.attempts,
-        content_type=row.content_type,
-        input=row.input,
-        outcome=row.outcome,
-        result=row.result,
-        error=row.error,
-        dispatched_at=row.dispatched_at,
-        completed_at=row.completed_at,
-        observed_turn=row.observed_turn,
-        observed_at=row.observed_at,
-        claimed_by=row.claimed_by,
-        child_id=row.child_id,
-    )

@@ -1,0 +1,298 @@
+"""What the store reads and writes: statuses, records, and their rows.
+
+Frozen dataclasses (and one mutable :class:`TurnWrite`, filled in while a turn is
+planned) are what cross the boundary between the store and its callers; no dict with
+magic keys does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._codec import ErrorInfo
+
+__all__ = [
+    "ACTIVE",
+    "CANCELLED",
+    "CLAIMED",
+    "DELIVERED",
+    "DONE",
+    "FAILURE",
+    "FINISHED",
+    "OPEN_STEP_STATES",
+    "PENDING",
+    "RUNNING",
+    "SCHEDULED",
+    "STEP_CANCELLED",
+    "STUCK",
+    "SUCCESS",
+    "TERMINATED",
+    "CancelledStep",
+    "Dispatch",
+    "NewRun",
+    "NewStep",
+    "RunRecord",
+    "StepRecord",
+    "TurnCommitted",
+    "TurnStart",
+    "TurnWrite",
+    "run_record",
+    "run_row",
+    "step_record",
+    "step_row",
+]
+
+# Run statuses (Celery's names where the meaning matches).
+PENDING, RUNNING, SUCCESS, FAILURE, STUCK = "PENDING", "RUNNING", "SUCCESS", "FAILURE", "STUCK"
+CANCELLED, TERMINATED = "CANCELLED", "TERMINATED"
+ACTIVE = (PENDING, RUNNING)
+FINISHED = (SUCCESS, FAILURE, CANCELLED, TERMINATED)
+
+# Step states. CANCELLED: nobody waits for the step any more.
+SCHEDULED, CLAIMED, DONE, DELIVERED = "SCHEDULED", "CLAIMED", "DONE", "DELIVERED"
+STEP_CANCELLED = "CANCELLED"
+OPEN_STEP_STATES = (SCHEDULED, CLAIMED, DONE)
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """A run to create."""
+
+    id: str
+    workflow: str
+    content_type: str
+    input: bytes
+    options: Mapping[str, Any] = field(default_factory=dict)
+    parent_id: str | None = None
+    parent_seq: int | None = None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run as stored."""
+
+    id: str
+    workflow: str
+    status: str
+    turn: int
+    content_type: str
+    input: bytes
+    result: bytes | None
+    error: ErrorInfo | None
+    options: Mapping[str, Any]
+    created_at: float
+    started_at: float | None
+    updated_at: float
+    finished_at: float | None
+    parent_id: str | None = None
+    parent_seq: int | None = None
+    attempt: int = 1
+    seq_base: int = 0
+    cancel_requested: bool = False
+    cancel_turn: int | None = None
+    cancel_at: float | None = None
+    progress: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class NewStep:
+    """A step a driver turn schedules.
+
+    Most steps start SCHEDULED; a local step starts DONE with its outcome, a patch marker
+    DELIVERED. A timer's ``due`` is its deadline (UNIX seconds).
+    """
+
+    seq: int
+    kind: str
+    name: str
+    content_type: str
+    input: bytes
+    dispatch_id: str
+    state: str = SCHEDULED
+    result: bytes | None = None
+    error: ErrorInfo | None = None
+    due: float | None = None
+    child_id: str | None = None
+
+
+@dataclass
+class TurnWrite:
+    """Everything one driver turn records, committed together and fenced on ``turn``."""
+
+    turn: int
+    at: float
+    delivered: Sequence[int] = ()
+    new_steps: Sequence[NewStep] = ()
+    cancelled: Sequence[int] = ()
+    progress: Mapping[str, Any] | None = None
+    cancel_delivered: bool = False
+    status: str = RUNNING
+    result: tuple[str, bytes] | None = None
+    error: ErrorInfo | None = None
+    children: Sequence[NewRun] = ()
+    #: Continue-as-new: the new input; the run's history is cleared.
+    restart: tuple[str, bytes] | None = None
+
+
+@dataclass(frozen=True)
+class CancelledStep:
+    """A step a turn cancelled, with what is needed to stop it."""
+
+    seq: int
+    kind: str
+    dispatch_id: str
+    child_id: str | None
+
+
+@dataclass(frozen=True)
+class TurnCommitted:
+    """What a committed turn leaves the driver to do after the commit."""
+
+    #: Signal waits the commit matched with buffered signals: deliver in another turn.
+    ready_now: bool
+    cancelled: list[CancelledStep]
+    #: A finished child's parent, to wake: (run id, workflow, driver options).
+    parent: tuple[str, str, Mapping[str, Any]] | None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """A step as stored."""
+
+    run_id: str
+    seq: int
+    kind: str
+    name: str
+    created_turn: int
+    state: str
+    dispatch_id: str
+    attempts: int
+    content_type: str
+    input: bytes
+    outcome: str | None
+    result: bytes | None
+    error: ErrorInfo | None
+    dispatched_at: float
+    completed_at: float | None
+    observed_turn: int | None
+    observed_at: float | None
+    claimed_by: str | None
+    child_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """What is needed to (re)publish one step's message."""
+
+    run_id: str
+    seq: int
+    name: str
+    dispatch_id: str
+    content_type: str
+    input: bytes
+    workflow: str
+    driver_options: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TurnStart:
+    """What a driver turn reads first: the run and the outcomes not yet delivered."""
+
+    run: RunRecord
+    new_outcomes: list[StepRecord]
+
+
+def step_row(run_id: str, turn: int, at: float, step: NewStep) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "seq": step.seq,
+        "kind": step.kind,
+        "name": step.name,
+        "created_turn": turn,
+        "state": step.state,
+        "dispatch_id": step.dispatch_id,
+        "dispatched_at": step.due if step.due is not None else at,
+        "redispatches": 0,
+        "attempts": 0,
+        "content_type": step.content_type,
+        "input": step.input,
+        "outcome": None if step.state == SCHEDULED else ("error" if step.error else "ok"),
+        "result": step.result,
+        "error": step.error,
+        "completed_at": None if step.state == SCHEDULED else at,
+        "observed_turn": turn if step.state == DELIVERED else None,
+        "observed_at": at if step.state == DELIVERED else None,
+        "child_id": step.child_id,
+    }
+
+
+def run_row(new: NewRun, at: float) -> dict[str, Any]:
+    return {
+        "id": new.id,
+        "workflow": new.workflow,
+        "status": PENDING,
+        "turn": 0,
+        "wake_pending": True,
+        "woken_at": at,
+        "content_type": new.content_type,
+        "input": new.input,
+        "options": dict(new.options),
+        "created_at": at,
+        "updated_at": at,
+        "parent_id": new.parent_id,
+        "parent_seq": new.parent_seq,
+        "attempt": 1,
+        "seq_base": 0,
+    }
+
+
+def run_record(row: Any) -> RunRecord:
+    return RunRecord(
+        id=row.id,
+        workflow=row.workflow,
+        status=row.status,
+        turn=row.turn,
+        content_type=row.content_type,
+        input=row.input,
+        result=row.result,
+        error=row.error,
+        options=row.options or {},
+        created_at=row.created_at,
+        started_at=row.started_at,
+        updated_at=row.updated_at,
+        finished_at=row.finished_at,
+        parent_id=row.parent_id,
+        parent_seq=row.parent_seq,
+        attempt=row.attempt or 1,
+        seq_base=row.seq_base or 0,
+        cancel_requested=bool(row.cancel_requested),
+        cancel_turn=row.cancel_turn,
+        cancel_at=row.cancel_at,
+        progress=row.progress,
+    )
+
+
+def step_record(row: Any) -> StepRecord:
+    return StepRecord(
+        run_id=row.run_id,
+        seq=row.seq,
+        kind=row.kind,
+        name=row.name,
+        created_turn=row.created_turn,
+        state=row.state,
+        dispatch_id=row.dispatch_id,
+        attempts=row.attempts,
+        content_type=row.content_type,
+        input=row.input,
+        outcome=row.outcome,
+        result=row.result,
+        error=row.error,
+        dispatched_at=row.dispatched_at,
+        completed_at=row.completed_at,
+        observed_turn=row.observed_turn,
+        observed_at=row.observed_at,
+        claimed_by=row.claimed_by,
+        child_id=row.child_id,
+    )
