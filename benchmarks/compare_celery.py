@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +98,7 @@ def ensure_database(url: str) -> None:
         admin.dispose()
 
 
-def forget_benchmark_runs(store: Any, workflows: list[str]) -> None:
+def forget_benchmark_runs(store: Any, workflows: Sequence[str]) -> None:
     """Delete the store's rows of earlier benchmark runs (and only those)."""
     from sqlalchemy import delete, select
 
@@ -106,9 +106,10 @@ def forget_benchmark_runs(store: Any, workflows: list[str]) -> None:
 
     store.ensure_schema()
     with store.engine.begin() as conn:
-        ours = select(s.runs.c.id).where(s.runs.c.workflow.in_(workflows))
+        ours = select(s.runs.c.id).where(s.runs.c.workflow.in_(list(workflows)))
         conn.execute(delete(s.steps).where(s.steps.c.run_id.in_(ours)))
-        conn.execute(delete(s.runs).where(s.runs.c.workflow.in_(workflows)))
+        conn.execute(delete(s.signals).where(s.signals.c.run_id.in_(ours)))
+        conn.execute(delete(s.runs).where(s.runs.c.workflow.in_(list(workflows))))
 
 
 class Workers:

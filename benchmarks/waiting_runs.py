@@ -50,6 +50,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from compare_celery import ensure_database, forget_benchmark_runs  # noqa: E402 - sibling script
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/14"
 DEFAULT_RESULT = "redis://127.0.0.1:6379/15"
@@ -92,40 +95,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- the store ------------------------------------------------------------------------------
-
-
-def ensure_database(url: str) -> None:
-    """Create the PostgreSQL database named in ``url`` if it does not exist yet."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "postgresql" or not parsed.database:
-        return
-    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            exists = conn.execute(
-                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": parsed.database}
-            ).first()
-            if not exists:
-                conn.exec_driver_sql(f'CREATE DATABASE "{parsed.database}"')
-    finally:
-        admin.dispose()
-
-
-def forget_runs(store: Any, workflows: Sequence[str]) -> None:
-    """Delete the rows of the benchmark's workflows (and only those)."""
-    from sqlalchemy import delete, select
-
-    from celery_durable import _schema as s
-
-    store.ensure_schema()
-    with store.engine.begin() as conn:
-        ours = select(s.runs.c.id).where(s.runs.c.workflow.in_(list(workflows)))
-        conn.execute(delete(s.steps).where(s.steps.c.run_id.in_(ours)))
-        conn.execute(delete(s.signals).where(s.signals.c.run_id.in_(ours)))
-        conn.execute(delete(s.runs).where(s.runs.c.workflow.in_(list(workflows))))
 
 
 def count_runs(store: Any, ids: Sequence[str] | None, workflow: str, **where: Any) -> int:
@@ -428,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     app = bench.app
     app.set_current()
     store = store_for(app)
-    forget_runs(store, bench.WORKFLOWS)
+    forget_benchmark_runs(store, bench.WORKFLOWS)
     app.control.purge()
 
     rows: list[tuple[str, str]] = []
@@ -524,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             analyzer.stop()
             worker.stop()
-            forget_runs(store, bench.WORKFLOWS)
+            forget_benchmark_runs(store, bench.WORKFLOWS)
 
     rows += [
         (f"{args.runs:,} runs waiting at once ({sleepers:,} on a {args.sleep:g} s sleep, "
