@@ -15,7 +15,7 @@ from celery import Celery, chord, group, shared_task
 from celery_durable.canvas import durable
 from celery_durable.testing import configure_embedded, embedded_worker
 
-app = Celery("durable_chord", broker=os.environ.get("DURABLE_CHORD_BROKER", "memory://"))
+app = Celery("durable_chord", broker=os.environ.get("DURABLE_CHORD_BROKER", "memory://localhost/"))
 configure_embedded(app, os.environ.get("DURABLE_CHORD_DB", "sqlite:///durable_chord.sqlite3"))
 
 

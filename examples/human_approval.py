@@ -19,7 +19,9 @@ from celery import Celery, shared_task
 from celery_durable import WorkflowHandle, durable_workflow, workflow
 from celery_durable.testing import configure_embedded, embedded_worker
 
-app = Celery("human_approval", broker=os.environ.get("HUMAN_APPROVAL_BROKER", "memory://"))
+app = Celery(
+    "human_approval", broker=os.environ.get("HUMAN_APPROVAL_BROKER", "memory://localhost/")
+)
 configure_embedded(app, os.environ.get("HUMAN_APPROVAL_DB", "sqlite:///human_approval.sqlite3"))
 TIMEOUT = float(os.environ.get("HUMAN_APPROVAL_TIMEOUT", "2"))
 

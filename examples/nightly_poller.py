@@ -18,7 +18,9 @@ from celery import Celery, shared_task
 from celery_durable import durable_workflow, workflow
 from celery_durable.testing import configure_embedded, embedded_worker
 
-app = Celery("nightly_poller", broker=os.environ.get("NIGHTLY_POLLER_BROKER", "memory://"))
+app = Celery(
+    "nightly_poller", broker=os.environ.get("NIGHTLY_POLLER_BROKER", "memory://localhost/")
+)
 configure_embedded(app, os.environ.get("NIGHTLY_POLLER_DB", "sqlite:///nightly_poller.sqlite3"))
 INTERVAL = float(os.environ.get("NIGHTLY_POLLER_INTERVAL", "1"))
 

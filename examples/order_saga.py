@@ -18,7 +18,7 @@ from celery import Celery, shared_task
 from celery_durable import durable_workflow, workflow
 from celery_durable.testing import configure_embedded, embedded_worker
 
-app = Celery("order_saga", broker=os.environ.get("ORDER_SAGA_BROKER", "memory://"))
+app = Celery("order_saga", broker=os.environ.get("ORDER_SAGA_BROKER", "memory://localhost/"))
 configure_embedded(app, os.environ.get("ORDER_SAGA_DB", "sqlite:///order_saga.sqlite3"))
 
 

@@ -19,7 +19,7 @@ from celery import Celery, shared_task
 from celery_durable import WorkflowHandle, durable_workflow
 from celery_durable.testing import configure_embedded, embedded_worker
 
-app = Celery("quickstart", broker=os.environ.get("QUICKSTART_BROKER", "memory://"))
+app = Celery("quickstart", broker=os.environ.get("QUICKSTART_BROKER", "memory://localhost/"))
 configure_embedded(app, os.environ.get("QUICKSTART_DB", "sqlite:///quickstart.sqlite3"))
 STEP_SECONDS = float(os.environ.get("QUICKSTART_STEP_SECONDS", "0.5"))
 
