@@ -623,19 +623,26 @@ class Store:
             conn.execute(
                 update(s.signals).where(s.signals.c.id == signal.id).values(consumed_seq=wait.seq)
             )
-            conn.execute(
-                update(s.steps)
-                .where(and_(s.steps.c.run_id == run_id, s.steps.c.seq == wait.seq))
-                .values(
-                    state=DONE,
-                    outcome="ok",
-                    content_type=signal.content_type,
-                    result=signal.payload,
-                    completed_at=at,
-                )
-            )
+            self._give_signal(conn, run_id, wait.seq, signal.content_type, signal.payload, at)
             matched = True
         return matched
+
+    @staticmethod
+    def _give_signal(
+        conn: Connection, run_id: str, seq: int, content_type: str, payload: bytes, at: float
+    ) -> None:
+        """Complete signal-wait step ``seq`` with a signal's payload as its outcome."""
+        conn.execute(
+            update(s.steps)
+            .where(_step_is(run_id, seq))
+            .values(
+                state=DONE,
+                outcome="ok",
+                content_type=content_type,
+                result=payload,
+                completed_at=at,
+            )
+        )
 
     def _complete_parent_step(
         self, conn: Connection, parent_id: str, parent_seq: int | None, write: TurnWrite, at: float
@@ -646,15 +653,7 @@ class Store:
         else:
             values.update(outcome="error", error=write.error or {})
         moved = conn.execute(
-            update(s.steps)
-            .where(
-                and_(
-                    s.steps.c.run_id == parent_id,
-                    s.steps.c.seq == parent_seq,
-                    s.steps.c.state == SCHEDULED,
-                )
-            )
-            .values(**values)
+            update(s.steps).where(_step_is(parent_id, parent_seq, SCHEDULED)).values(**values)
         ).rowcount
         if not moved:
             return None
@@ -785,17 +784,7 @@ class Store:
             )
             if wait is None:
                 return None
-            conn.execute(
-                update(s.steps)
-                .where(and_(s.steps.c.run_id == run_id, s.steps.c.seq == wait))
-                .values(
-                    state=DONE,
-                    outcome="ok",
-                    content_type=content_type,
-                    result=payload,
-                    completed_at=at,
-                )
-            )
+            self._give_signal(conn, run_id, wait, content_type, payload, at)
             return self._flag_wake(conn, run_id, at, locked=True)
 
     def fire_due_timers(
@@ -826,13 +815,7 @@ class Store:
             for run_id, seq in rows:
                 moved = conn.execute(
                     update(s.steps)
-                    .where(
-                        and_(
-                            s.steps.c.run_id == run_id,
-                            s.steps.c.seq == seq,
-                            s.steps.c.state == SCHEDULED,
-                        )
-                    )
+                    .where(_step_is(run_id, seq, SCHEDULED))
                     .values(state=DONE, outcome="ok", completed_at=at)
                 ).rowcount
                 if moved:
@@ -989,7 +972,7 @@ class Store:
             for seq in list(failed):
                 conn.execute(
                     update(s.steps)
-                    .where(and_(s.steps.c.run_id == run_id, s.steps.c.seq == seq))
+                    .where(_step_is(run_id, seq))
                     .values(
                         state=SCHEDULED,
                         outcome=None,
@@ -1095,13 +1078,7 @@ class Store:
         with self._tx() as conn:
             moved = conn.execute(
                 update(s.steps)
-                .where(
-                    and_(
-                        s.steps.c.run_id == run_id,
-                        s.steps.c.seq == seq,
-                        s.steps.c.state == CLAIMED,
-                    )
-                )
+                .where(_step_is(run_id, seq, CLAIMED))
                 .values(
                     state=SCHEDULED,
                     dispatch_id=new_id,
@@ -1113,7 +1090,7 @@ class Store:
             ).rowcount
             if moved != 1:
                 return None
-            found = _dispatches(conn, and_(s.steps.c.run_id == run_id, s.steps.c.seq == seq))
+            found = _dispatches(conn, _step_is(run_id, seq))
             return found[0] if found else None
 
     # -- workers and the sweeper ---------------------------------------------------------
@@ -1209,14 +1186,7 @@ class Store:
                 wait = older_than * (2 ** min(int(redispatches), 6))
                 moved = conn.execute(
                     update(s.steps)
-                    .where(
-                        and_(
-                            s.steps.c.run_id == run_id,
-                            s.steps.c.seq == seq,
-                            s.steps.c.state == SCHEDULED,
-                            s.steps.c.dispatched_at < now - wait,
-                        )
-                    )
+                    .where(_step_is(run_id, seq, SCHEDULED), s.steps.c.dispatched_at < now - wait)
                     .values(dispatched_at=now, redispatches=s.steps.c.redispatches + 1)
                 ).rowcount
                 if moved:
@@ -1314,6 +1284,14 @@ class Store:
                     and_(s.workers.c.last_seen < cutoff, s.workers.c.id.not_in(claimed))
                 )
             )
+
+
+def _step_is(run_id: str, seq: int | None, *states: str) -> ColumnElement[bool]:
+    """The condition "step ``seq`` of run ``run_id``", in one of ``states`` if any given."""
+    condition = and_(s.steps.c.run_id == run_id, s.steps.c.seq == seq)
+    if states:
+        condition = and_(condition, s.steps.c.state.in_(states))
+    return condition
 
 
 def _dispatches(
