@@ -8,33 +8,18 @@ callbacks run as steps of the run, so they are recorded and run once.
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Any
 
 import pytest
 from celery import Celery, chain, chord, group, shared_task
 from celery.exceptions import ChordError
 from celery.worker import WorkController
+from recorder import see as _see
+from recorder import seen
+from recorder import wait_seen as _wait_seen
 
 from celery_durable import durable_workflow
 from celery_durable.canvas import durable
-
-_lock = threading.Lock()
-seen: dict[str, list[tuple[Any, ...]]] = {}
-
-
-def _see(tag: str, *entry: Any) -> None:
-    with _lock:
-        seen.setdefault(tag, []).append(entry)
-
-
-def _wait_seen(tag: str, count: int, timeout: float = 30.0) -> list[tuple[Any, ...]]:
-    """What ``tag`` saw once it saw ``count`` things (errbacks sent as tasks run later)."""
-    deadline = time.monotonic() + timeout
-    while len(seen.get(tag, [])) < count and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return sorted(seen.get(tag, []), key=repr)
 
 
 @shared_task

@@ -8,8 +8,6 @@ is also checked to walk to the same steps on every replay.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,28 +16,14 @@ from celery import Celery, chain, chord, group, shared_task
 from celery.canvas import Signature
 from celery.exceptions import ChordError
 from celery.worker import WorkController
+from recorder import see as _see
+from recorder import seen
+from recorder import wait_seen as _wait_seen
 
 from celery_durable import WorkflowHandle, durable_workflow
 from celery_durable.canvas import durable
 
 # -- tasks --------------------------------------------------------------------------------
-
-_lock = threading.Lock()
-#: What errbacks and callbacks saw, by the tag of the test that ran them.
-seen: dict[str, list[tuple[Any, ...]]] = {}
-
-
-def _see(tag: str, *entry: Any) -> None:
-    with _lock:
-        seen.setdefault(tag, []).append(entry)
-
-
-def _wait_seen(tag: str, count: int, timeout: float = 30.0) -> list[tuple[Any, ...]]:
-    """What ``tag`` saw once it saw ``count`` things (errbacks sent as tasks run later)."""
-    deadline = time.monotonic() + timeout
-    while len(seen.get(tag, [])) < count and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return sorted(seen.get(tag, []), key=repr)
 
 
 @shared_task
