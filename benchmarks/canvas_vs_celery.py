@@ -35,11 +35,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from compare_celery import (  # noqa: E402 - the sibling script, importable once on the path
-    DEFAULT_BROKER,
-    DEFAULT_RESULT,
     DEFAULT_STORE,
     CpuMeter,
     Workers,
+    add_common_options,
     ensure_database,
     forget_benchmark_runs,
     timed,
@@ -53,21 +52,11 @@ DEFAULT_CANVAS_STORE = DEFAULT_STORE.rsplit("/", 1)[0] + "/durable_canvas_bench"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per row (median)")
-    parser.add_argument("--pool", default="prefork", help="worker pool: prefork, threads, solo")
-    parser.add_argument("--concurrency", type=int, default=2, help="pool size per worker")
-    parser.add_argument("--workers", type=int, default=1, help="celery worker processes")
+    add_common_options(parser, DEFAULT_CANVAS_STORE, DEFAULT_QUEUE, timeout=600.0)
     parser.add_argument("--width", type=int, default=1000, help="header size of the chord")
     parser.add_argument("--chords", type=int, default=10, help="chords in the chain")
     parser.add_argument("--chord-width", type=int, default=100, help="header size of each")
     parser.add_argument("--fan", type=int, default=10, help="fan-out at each nested level")
-    parser.add_argument("--store-url", default=DEFAULT_CANVAS_STORE, help="durable_database_url")
-    parser.add_argument("--broker-url", default=DEFAULT_BROKER, help="broker of both sides")
-    parser.add_argument("--result-url", default=DEFAULT_RESULT, help="Celery result backend")
-    parser.add_argument("--queue", default=DEFAULT_QUEUE, help="queue of every message")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run at most")
-    parser.add_argument("--loglevel", default="WARNING", help="worker log level")
-    parser.add_argument("--log-dir", help="keep the worker logs here (default: a temp dir)")
     return parser.parse_args(argv)
 
 

@@ -53,21 +53,28 @@ DEFAULT_STORE = "postgresql+psycopg://postgres@127.0.0.1:5432/durable_bench"
 DEFAULT_QUEUE = "durable_bench"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_common_options(
+    parser: argparse.ArgumentParser, store: str, queue: str, timeout: float
+) -> None:
+    """The options every durable-vs-Celery benchmark takes: workers, services, timing."""
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per row (median)")
     parser.add_argument("--pool", default="prefork", help="worker pool: prefork, threads, solo")
     parser.add_argument("--concurrency", type=int, default=2, help="pool size per worker")
     parser.add_argument("--workers", type=int, default=1, help="celery worker processes")
-    parser.add_argument("--steps", type=int, default=100, help="length of the sequence")
-    parser.add_argument("--fanout", type=int, default=1000, help="width of the fan-out")
-    parser.add_argument("--store-url", default=DEFAULT_STORE, help="durable_database_url")
+    parser.add_argument("--store-url", default=store, help="durable_database_url")
     parser.add_argument("--broker-url", default=DEFAULT_BROKER, help="broker of both sides")
     parser.add_argument("--result-url", default=DEFAULT_RESULT, help="Celery result backend")
-    parser.add_argument("--queue", default=DEFAULT_QUEUE, help="queue of every message")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run at most")
+    parser.add_argument("--queue", default=queue, help="queue of every message")
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per run at most")
     parser.add_argument("--loglevel", default="WARNING", help="worker log level")
     parser.add_argument("--log-dir", help="keep the worker logs here (default: a temp dir)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_options(parser, DEFAULT_STORE, DEFAULT_QUEUE, timeout=300.0)
+    parser.add_argument("--steps", type=int, default=100, help="length of the sequence")
+    parser.add_argument("--fanout", type=int, default=1000, help="width of the fan-out")
     parser.add_argument("--profile-dir", help="write each worker process's cProfile stats here")
     parser.add_argument(
         "--only", choices=("durable", "celery"), help="time one side only (for profiling)"
