@@ -85,3 +85,11 @@ def _current_app(request: pytest.FixtureRequest) -> None:
     # ``wf.delay()`` starts runs on the current app, like ``task.delay()``.
     if "app" in request.fixturenames:
         request.getfixturevalue("app").set_current()
+
+
+@pytest.fixture(params=[1000, 0], ids=["cached", "replayed"])
+def cache_size(request: pytest.FixtureRequest, app: Celery, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run the test with suspended runs cached, then with every turn replayed."""
+    size: int = request.param
+    monkeypatch.setitem(app.conf, "durable_cache_size", size)
+    return size

@@ -33,13 +33,6 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture(params=[1000, 0], ids=["cached", "replayed"])
-def cache_size(request: pytest.FixtureRequest, app: Celery, monkeypatch: pytest.MonkeyPatch) -> int:
-    size: int = request.param
-    monkeypatch.setitem(app.conf, "durable_cache_size", size)
-    return size
-
-
 class CardDeclined(Exception):
     pass
 

@@ -56,13 +56,6 @@ def has_step(handle: WorkflowHandle[Any], kind: str, *states: str) -> Callable[[
     return lambda: any(s.kind == kind and s.state in states for s in handle.history)
 
 
-@pytest.fixture(params=[1000, 0], ids=["cached", "replayed"])
-def cache_size(request: pytest.FixtureRequest, app: Celery, monkeypatch: pytest.MonkeyPatch) -> int:
-    size: int = request.param
-    monkeypatch.setitem(app.conf, "durable_cache_size", size)
-    return size
-
-
 @shared_task
 def charge(key: str) -> str:
     executed(f"charge:{key}")

@@ -20,13 +20,6 @@ calls: Counter[str] = Counter()
 _lock = threading.Lock()
 
 
-@pytest.fixture(params=[1000, 0], ids=["cached", "replayed"])
-def cache_size(request: pytest.FixtureRequest, app: Celery, monkeypatch: pytest.MonkeyPatch) -> int:
-    size: int = request.param
-    monkeypatch.setitem(app.conf, "durable_cache_size", size)
-    return size
-
-
 class OutOfStock(Exception):
     pass
 

@@ -32,13 +32,6 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOU
         time.sleep(0.01)
 
 
-@pytest.fixture(params=[1000, 0], ids=["cached", "replayed"])
-def cache_size(request: pytest.FixtureRequest, app: Celery, monkeypatch: pytest.MonkeyPatch) -> int:
-    size: int = request.param
-    monkeypatch.setitem(app.conf, "durable_cache_size", size)
-    return size
-
-
 @shared_task
 def poll(source: str, n: int) -> int:
     return n * 10

@@ -48,13 +48,6 @@ def waits_on(handle: WorkflowHandle[Any], name: str) -> Callable[[], bool]:
     )
 
 
-@pytest.fixture(params=[1000, 0], ids=["cached", "replayed"])
-def cache_size(request: pytest.FixtureRequest, app: Celery, monkeypatch: pytest.MonkeyPatch) -> int:
-    size: int = request.param
-    monkeypatch.setitem(app.conf, "durable_cache_size", size)
-    return size
-
-
 @durable_workflow
 async def collects(names: list[str]) -> list[Any]:
     await workflow.wait_for_signal("go")
