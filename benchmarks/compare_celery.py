@@ -109,7 +109,7 @@ def forget_benchmark_runs(store: Any, workflows: Sequence[str]) -> None:
     """Delete the store's rows of earlier benchmark runs (and only those)."""
     from sqlalchemy import delete, select
 
-    from celery_durable import _schema as s
+    from celery_durable.store import _schema as s
 
     store.ensure_schema()
     with store.engine.begin() as conn:

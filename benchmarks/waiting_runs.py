@@ -101,7 +101,7 @@ def count_runs(store: Any, ids: Sequence[str] | None, workflow: str, **where: An
     """Runs of ``workflow`` matching ``where`` (``status=``, ``min_turn=``)."""
     from sqlalchemy import func, select
 
-    from celery_durable import _schema as s
+    from celery_durable.store import _schema as s
 
     query = select(func.count()).select_from(s.runs).where(s.runs.c.workflow == workflow)
     if "status" in where:
@@ -298,7 +298,7 @@ def timer_lateness(app: Any, bench: Any, samples: int, timeout: float) -> dict[s
     for handle in handles:
         [timer] = [s for s in store.history(handle.id) if s.kind == "timer"]
         run = store.require_run(handle.id)
-        due = timer.dispatched_at
+        due = timer.due_at
         assert timer.completed_at is not None and run.finished_at is not None
         late["fired"].append(timer.completed_at - due)
         late["seen"].append(handle.get(timeout=1) - due)  # workflow.now() after the sleep
@@ -536,7 +536,7 @@ def _results(store: Any, ids: Sequence[str]) -> dict[str, Any]:
     """The decoded results of runs ``ids`` (JSON), read in one query."""
     from sqlalchemy import select
 
-    from celery_durable import _schema as s
+    from celery_durable.store import _schema as s
 
     with store.engine.connect() as conn:
         rows = conn.execute(

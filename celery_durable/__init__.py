@@ -6,9 +6,7 @@ survives worker kills, broker restarts and deploys, with SQL as the source of tr
 """
 
 from . import workflow
-from ._commands import WorkflowInfo
 from ._definition import DurableWorkflow, durable_workflow
-from ._worker import connect as _connect_worker
 from .canvas._await import install as _install_await
 from .client import StepInfo, WorkflowHandle
 from .errors import (
@@ -29,6 +27,8 @@ from .errors import (
     WorkflowTerminatedError,
     WorkflowTimeoutError,
 )
+from .runtime import WorkflowInfo
+from .worker import connect as _connect_worker
 from .workflow import RetryPolicy
 
 __all__ = [

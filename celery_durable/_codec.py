@@ -20,10 +20,9 @@ from kombu.exceptions import DecodeError, EncodeError
 from kombu.serialization import dumps, loads
 
 from .errors import ActivityError, WorkflowEncodeError
+from .store import ErrorInfo
 
 __all__ = ["Codec", "ErrorInfo", "decode_error", "encode_error"]
-
-ErrorInfo = dict[str, Any]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from ._codec import Codec
-from ._store import Store
+from .store import Store
 
 __all__ = ["DEFAULT_DATABASE_URL", "Settings", "settings_for", "store_for"]
 

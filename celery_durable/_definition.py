@@ -19,10 +19,10 @@ from celery.canvas import Signature
 from celery.utils.imports import gen_task_name
 
 from ._config import settings_for, store_for
-from ._driver import DriverTurn
-from ._messages import DRIVER_OPTION_KEYS, publish_wake
-from ._store import NewRun
+from .driver import RunDriver
 from .errors import DurableError, UnknownWorkflowError
+from .store import NewRun
+from .worker import DRIVER_OPTION_KEYS, publish_wake
 
 if TYPE_CHECKING:
     from .client import WorkflowHandle
@@ -101,7 +101,7 @@ class DurableWorkflow(Generic[P, R]):
         durable = self
 
         def run(task: DriverTask, run_id: str) -> str | None:
-            return DriverTurn(task.app, task.name, durable.fn, run_id).run()
+            return RunDriver(task.app, task.name, durable.fn, run_id).drive()
 
         run.__name__ = self.fn.__name__
         run.__qualname__ = self.fn.__qualname__

@@ -16,10 +16,9 @@ from celery.bin.base import CeleryCommand
 
 from ._config import settings_for, store_for
 from ._definition import start_by_name
-from ._sweeper import Sweeper
-from ._worker import worker_id
 from .client import WorkflowHandle
 from .errors import DurableError
+from .worker import Sweeper, worker_id
 
 __all__ = ["durable"]
 

@@ -12,14 +12,14 @@ from celery import Celery, current_app
 
 from ._codec import decode_error, encode_error
 from ._config import settings_for, store_for
-from ._messages import publish_step, publish_wake, step_headers
-from ._store import FAILURE, FINISHED, STUCK, SUCCESS, RunRecord, Store
 from .errors import (
     DurableError,
     WorkflowFailedError,
     WorkflowTerminatedError,
     WorkflowTimeoutError,
 )
+from .store import FAILURE, FINISHED, STUCK, SUCCESS, RunRecord, Store
+from .worker import publish_resumed, publish_wake
 
 __all__ = ["StepInfo", "WorkflowHandle"]
 
@@ -47,6 +47,8 @@ class StepInfo:
     scheduled_at: datetime | None
     completed_at: datetime | None
     child_id: str | None = None
+    #: When a timer fires; None for other kinds of step.
+    due_at: datetime | None = None
 
 
 class WorkflowHandle(Generic[R]):
@@ -226,6 +228,7 @@ class WorkflowHandle(Generic[R]):
                     scheduled_at=_dt(record.dispatched_at),
                     completed_at=_dt(record.completed_at),
                     child_id=record.child_id,
+                    due_at=_dt(record.due_at),
                 )
             )
         return steps
@@ -321,28 +324,12 @@ class WorkflowHandle(Generic[R]):
             DurableError: the run is not STUCK or FAILED, or cannot be rewound (one of
                 the failed steps is a child run that was cancelled or terminated).
         """
-        store = self._store
         children = self._failed_children()
-        store.resume(self.id)
+        self._store.resume(self.id)
         for child in children:
             # After the parent's step is open again, so that the child's end lands on it.
             child.retry()
-        run = store.require_run(self.id)
-        with self.app.producer_or_acquire() as producer:
-            codec = settings_for(self.app).codec
-            for dispatch in store.dispatches_to_resend(self.id):
-                args, kwargs, options = codec.loads(dispatch.content_type, dispatch.input)
-                publish_step(
-                    self.app,
-                    dispatch.name,
-                    args,
-                    kwargs,
-                    options,
-                    dispatch.dispatch_id,
-                    step_headers(run.id, dispatch.seq, run.workflow, run.options),
-                    producer=producer,
-                )
-            publish_wake(self.app, run.workflow, run.id, run.options, producer=producer)
+        publish_resumed(self.app, self.id)
 
     def _failed_children(self) -> list[WorkflowHandle[Any]]:
         """Child runs whose failure ended this FAILED run; they must be retried with it."""

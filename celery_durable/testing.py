@@ -108,12 +108,12 @@ else:
         yield app
         # The next test has a database of its own: close this one's connections and
         # forget the suspended runs kept in memory for it.
-        from . import _config, _driver
+        from . import _config, driver
 
         store = _config._stores.pop(_config.settings_for(app).database_url, None)
         if store is not None:
             store.dispose()
-        _driver.cache.clear()
+        driver.cache.clear()
 
     @pytest.fixture
     def durable_worker(durable_app: Celery) -> Iterator[WorkController]:

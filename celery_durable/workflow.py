@@ -19,9 +19,8 @@ from typing import Any, NoReturn, TypeVar
 
 from celery.canvas import Signature
 
-from ._commands import WorkflowInfo
-from ._instance import MAX_TIMER_SECONDS, current_instance
 from .errors import ActivityTimeoutError, WorkflowEncodeError
+from .runtime import MAX_TIMER_SECONDS, WorkflowInfo, current_instance
 
 __all__ = [
     "RetryPolicy",

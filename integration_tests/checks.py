@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from celery_durable._store import DELIVERED, StepRecord
+from celery_durable.store import DELIVERED, StepRecord
 
 from .cluster import Cluster
 from .wfapp import record, step_value

@@ -18,7 +18,7 @@ from celery import Celery
 
 from celery_durable import WorkflowHandle
 from celery_durable._config import store_for
-from celery_durable._store import Store
+from celery_durable.store import Store
 
 from . import wfapp
 from .services import Broker, StoreDatabase, require

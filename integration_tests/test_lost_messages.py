@@ -8,7 +8,7 @@ import time
 import pytest
 from sqlalchemy import select
 
-from celery_durable import _schema
+from celery_durable.store import _schema
 
 from . import wfapp
 from .checks import (

@@ -17,15 +17,15 @@ import pytest
 import redis
 from sqlalchemy import update
 
-from celery_durable._schema import signals as signals_table
-from celery_durable._schema import steps as steps_table
-from celery_durable._store import DELIVERED, SCHEDULED, StepRecord
 from celery_durable.errors import (
     DurableError,
     NonDeterminismError,
     SignalError,
     WorkflowCancelledError,
 )
+from celery_durable.store import DELIVERED, SCHEDULED, StepRecord
+from celery_durable.store._schema import signals as signals_table
+from celery_durable.store._schema import steps as steps_table
 
 from . import primitives_app as pa
 from .checks import RECORD, assert_side_effects, once_except, sequential_result
@@ -118,7 +118,7 @@ def test_a_sleep_whose_deadline_passes_while_no_worker_lives_wakes_after_restart
     [timer] = [r for r in records if r.kind == "timer"]
 
     cluster.kill(worker)
-    wait_past(timer.dispatched_at)  # the timer is due while no worker is alive
+    wait_past(timer.due_at)  # the timer is due while no worker is alive
     assert kinds(cluster, handle.id)[1] == ("timer", SCHEDULED)
     worker.restart()
 
@@ -164,7 +164,7 @@ def test_a_two_day_sleep_is_rows_in_sql_not_a_broker_message(cluster: Cluster) -
     handle = pa.nap.apply_async((2 * 86400.0,), app=cluster.client)
     records = wait_for_history(cluster, handle.id, waiting("timer"), "the sleep")
     [timer] = [r for r in records if r.kind == "timer"]
-    assert timer.dispatched_at > time.time() + 86400
+    assert (timer.due_at or 0.0) > time.time() + 86400
 
     deadline = time.monotonic() + 30
     while cluster.broker.queue_length(cluster.queue) or _held_by_workers(cluster):
@@ -178,7 +178,7 @@ def test_a_two_day_sleep_is_rows_in_sql_not_a_broker_message(cluster: Cluster) -
         conn.execute(
             update(steps_table)
             .where(steps_table.c.run_id == handle.id, steps_table.c.seq == timer.seq)
-            .values(dispatched_at=time.time())
+            .values(due_at=time.time())
         )
     worker.restart()
 
@@ -196,7 +196,7 @@ def test_retries_wait_on_durable_backoff_across_a_kill(cluster: Cluster) -> None
     backoff = [r for r in records if r.kind == "timer"][1]
 
     cluster.kill(worker)
-    wait_past(backoff.dispatched_at)  # the backoff runs out while no worker is alive
+    wait_past(backoff.due_at)  # the backoff runs out while no worker is alive
     worker.restart()
 
     assert handle.get(timeout=60) == 3

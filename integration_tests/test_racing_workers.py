@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from celery_durable._messages import publish_wake
-from celery_durable._sweeper import resend
+from celery_durable.worker import publish_wake, resend
 
 from . import wfapp
 from .checks import (

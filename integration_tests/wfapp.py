@@ -32,8 +32,8 @@ from typing import Any
 
 from celery import Celery, shared_task
 
-import celery_durable._driver as _driver
-import celery_durable._sweeper as _sweeper
+import celery_durable.driver._driver as _driver
+import celery_durable.worker._republish as _republish
 from celery_durable import durable_workflow, workflow
 
 #: How long a pause lasts at most, so that a test whose kill went wrong ends anyway.
@@ -230,9 +230,9 @@ def _pausing_publish_step(app: Celery, name: str, args: Any, *rest: Any, **kw: A
 if "DURABLE_IT_DIR" in os.environ:  # a test's worker, not the pytest process importing this
     if not callable(_publish_step):  # pragma: no cover - guards a refactor of the driver
         raise RuntimeError(
-            "celery_durable._driver no longer publishes through publish_step; update "
+            "celery_durable.driver no longer publishes through publish_step; update "
             "integration_tests/wfapp.py so the commit-then-publish kill test still pauses there"
         )
     _driver.publish_step = _pausing_publish_step  # type: ignore[attr-defined]
-    if getattr(_sweeper, "publish_step", None) is _publish_step:
-        _sweeper.publish_step = _pausing_publish_step  # type: ignore[attr-defined]
+    if getattr(_republish, "publish_step", None) is _publish_step:
+        _republish.publish_step = _pausing_publish_step  # type: ignore[attr-defined]

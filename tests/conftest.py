@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from celery_durable import _config
-from celery_durable._driver import cache as driver_cache
+from celery_durable.driver import cache as driver_cache
 from celery_durable.testing import configure_embedded, embedded_worker
 
 #: The PostgreSQL the suite uses (trust auth on the development machines).

@@ -10,15 +10,15 @@ import pytest
 from celery import Signature, chain, chord, group
 
 import celery_durable  # noqa: F401 - installs Signature.__await__
-from celery_durable._commands import (
+from celery_durable.errors import WorkflowAwaitError
+from celery_durable.runtime import (
     CompleteWorkflow,
     FailWorkflow,
     ScheduleActivity,
     StepOutcome,
     WorkflowInfo,
+    WorkflowInstance,
 )
-from celery_durable._instance import WorkflowInstance
-from celery_durable.errors import WorkflowAwaitError
 
 T0 = datetime(2024, 5, 1, tzinfo=timezone.utc)
 

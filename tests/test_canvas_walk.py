@@ -12,17 +12,17 @@ from celery import Signature, chain, chord, group
 from celery.exceptions import ChordError
 
 import celery_durable  # noqa: F401 - installs Signature.__await__
-from celery_durable._commands import (
+from celery_durable.canvas._walk import ERRBACKS_TASK, await_canvas
+from celery_durable.errors import NotInWorkflowError, WorkflowAwaitError
+from celery_durable.runtime import (
     CancelStep,
     CompleteWorkflow,
     FailWorkflow,
     ScheduleActivity,
     StepOutcome,
     WorkflowInfo,
+    WorkflowInstance,
 )
-from celery_durable._instance import WorkflowInstance
-from celery_durable.canvas._walk import ERRBACKS_TASK, await_canvas
-from celery_durable.errors import NotInWorkflowError, WorkflowAwaitError
 
 T0 = datetime(2024, 5, 1, tzinfo=timezone.utc)
 

@@ -12,7 +12,7 @@ from celery import Celery, shared_task
 
 from celery_durable import WorkflowEncodeError, WorkflowHandle, _config, durable_workflow, workflow
 from celery_durable._config import store_for
-from celery_durable._driver import DriverTurn
+from celery_durable.driver import RunDriver
 from celery_durable.testing import configure_embedded
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -196,7 +196,7 @@ def test_a_cancel_sent_while_the_run_continues_as_new_is_kept(
 
     monkeypatch.setattr(store, "commit_turn", commit_after_a_cancel)
 
-    status = DriverTurn(idle_app, counts_up.name, counts_up.fn, "racing-cancel").run()
+    status = RunDriver(idle_app, counts_up.name, counts_up.fn, "racing-cancel").drive()
 
     assert sent == ["racing-cancel"]
     assert status == "CANCELLED"  # the new run got the cancel instead of counting on

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from celery import Celery, group, shared_task
 
-import celery_durable._driver
+import celery_durable.driver._driver
 from celery_durable import (
     ActivityError,
     HistoryWriteError,
@@ -27,7 +27,7 @@ from celery_durable import (
     workflow,
 )
 from celery_durable._config import store_for
-from celery_durable._driver import DriverTurn
+from celery_durable.driver import RunDriver
 from celery_durable.testing import configure_embedded
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -147,7 +147,7 @@ def test_every_turn_replays_when_the_cache_is_off(
 ) -> None:
     monkeypatch.setitem(app.conf, "durable_cache_size", 0)
     replayed: list[int] = []
-    real_replay = celery_durable._driver.replay
+    real_replay = celery_durable.driver._driver.replay
 
     def counting_replay(
         instance: Any, history: Any, turns: int, turn_times: Any, **options: Any
@@ -157,7 +157,7 @@ def test_every_turn_replays_when_the_cache_is_off(
         real_replay(instance, history, turns, turn_times, **options)
 
     handle_id = [new_id("replayed")]
-    monkeypatch.setattr(celery_durable._driver, "replay", counting_replay)
+    monkeypatch.setattr(celery_durable.driver._driver, "replay", counting_replay)
     order = new_id("order")
 
     handle = checkout.apply_async((order, ["a", "b", "out-of-stock"]), workflow_id=handle_id[0])
@@ -417,7 +417,7 @@ def test_changed_code_parks_the_run_as_stuck_and_retry_resumes_it(app: Celery) -
         assert gate_reached.wait(TIMEOUT)  # turn 1 committed and its step is running
 
         code_changed = True  # "deploy" code that schedules a different first step
-        celery_durable._driver.cache.clear()  # as a fresh worker would: replay
+        celery_durable.driver.cache.clear()  # as a fresh worker would: replay
         gate.set()
 
         with pytest.raises(NonDeterminismError) as caught:
@@ -520,7 +520,7 @@ def idle_app(tmp_path: Any) -> Iterator[Celery]:
 
 
 def turn(app: Celery, definition: Any, run_id: str) -> str | None:
-    return DriverTurn(app, definition.name, definition.fn, run_id).run()
+    return RunDriver(app, definition.name, definition.fn, run_id).drive()
 
 
 def finish_steps(app: Celery, run_id: str, *values: Any) -> None:
@@ -575,7 +575,7 @@ def test_a_turn_that_loses_the_race_writes_nothing_and_wakes_the_run_again(
     wakes: list[str] = []
     monkeypatch.setattr(store, "commit_turn", commit_after_a_rival)
     monkeypatch.setattr(
-        celery_durable._driver,
+        celery_durable.driver._driver,
         "publish_wake",
         lambda app, workflow, run_id, options, producer=None: wakes.append(run_id),
     )
@@ -593,7 +593,7 @@ def test_history_that_cannot_be_loaded_parks_the_run(
     checkout.apply_async(("o-1", []), workflow_id="unloadable", app=idle_app)
     assert turn(idle_app, checkout, "unloadable") == "RUNNING"
     finish_steps(idle_app, "unloadable", "r-1")
-    celery_durable._driver.cache.clear()
+    celery_durable.driver.cache.clear()
 
     def broken_history(run_id: str) -> list[Any]:
         raise RuntimeError("history table is corrupt")

@@ -11,7 +11,7 @@ import pytest
 from celery import Celery, shared_task
 
 from celery_durable import _config, durable_workflow, workflow
-from celery_durable._driver import DriverTurn, cache
+from celery_durable.driver import RunDriver, cache
 from celery_durable.testing import configure_embedded
 
 JSON = "application/json"
@@ -45,7 +45,7 @@ def idle_app(tmp_path: Any) -> Iterator[Celery]:
 
 
 def turn(app: Celery, run_id: str) -> str | None:
-    return DriverTurn(app, relay.name, relay.fn, run_id).run()
+    return RunDriver(app, relay.name, relay.fn, run_id).drive()
 
 
 def finish_pending_step(app: Celery, run_id: str) -> None:

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from celery_durable import workflow
-from celery_durable._commands import (
+from celery_durable.errors import NotInWorkflowError, WorkflowAwaitError, WorkflowEncodeError
+from celery_durable.runtime import (
     CancelStep,
     Command,
     CompleteWorkflow,
@@ -21,9 +22,9 @@ from celery_durable._commands import (
     StartTimer,
     StepOutcome,
     WorkflowInfo,
+    WorkflowInstance,
+    current_instance,
 )
-from celery_durable._instance import WorkflowInstance, current_instance
-from celery_durable.errors import NotInWorkflowError, WorkflowAwaitError, WorkflowEncodeError
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 

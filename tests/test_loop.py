@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from celery_durable._loop import WorkflowEventLoop
 from celery_durable.errors import WorkflowAwaitError
+from celery_durable.runtime import WorkflowEventLoop
 
 
 def run(loop: WorkflowEventLoop, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:

@@ -89,9 +89,9 @@ def test_a_sleep_is_a_durable_timer_step(app: Celery, cache_size: int, kind: str
     assert slept >= timedelta(seconds=0.1)
     [timer] = handle.history
     assert (timer.kind, timer.state) == ("timer", "DELIVERED")
-    # A timer's scheduled time is its deadline, kept in SQL (not in a broker ETA).
-    assert timer.scheduled_at is not None
-    assert timer.scheduled_at - datetime.fromisoformat(before) == pytest.approx(
+    # A timer's deadline is kept in SQL (not in a broker ETA).
+    assert timer.due_at is not None
+    assert timer.due_at - datetime.fromisoformat(before) == pytest.approx(
         timedelta(seconds=0.1), abs=timedelta(milliseconds=1)
     )
 
@@ -108,11 +108,9 @@ def test_a_long_sleep_waits_as_a_row_in_sql(app: Celery) -> None:
 
     [timer] = handle.history
     assert (timer.kind, timer.state, handle.status) == ("timer", "SCHEDULED", "RUNNING")
-    assert timer.scheduled_at is not None
+    assert timer.due_at is not None
     started = handle.describe()["started_at"]
-    assert timer.scheduled_at - started == pytest.approx(
-        timedelta(days=365), abs=timedelta(seconds=1)
-    )
+    assert timer.due_at - started == pytest.approx(timedelta(days=365), abs=timedelta(seconds=1))
     handle.terminate("test over")
 
 

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from celery_durable import workflow
-from celery_durable._commands import (
+from celery_durable.errors import DurableError, NonDeterminismError
+from celery_durable.runtime import (
     ACTIVITY,
     Command,
     CompleteWorkflow,
@@ -19,10 +20,10 @@ from celery_durable._commands import (
     ScheduleActivity,
     StepOutcome,
     WorkflowInfo,
+    WorkflowInstance,
+    current_instance,
+    replay,
 )
-from celery_durable._instance import WorkflowInstance, current_instance
-from celery_durable._replay import replay
-from celery_durable.errors import DurableError, NonDeterminismError
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 from sqlalchemy import MetaData, Table, create_engine, insert, inspect, select, update
 
-from celery_durable import _schema, _store
-from celery_durable._commands import ACTIVITY
-from celery_durable._store import (
+from celery_durable import store as _store
+from celery_durable.errors import DurableError, StoreUnavailableError, WorkflowNotFoundError
+from celery_durable.runtime import ACTIVITY
+from celery_durable.store import (
     CLAIMED,
     DELIVERED,
     DONE,
@@ -25,8 +26,9 @@ from celery_durable._store import (
     NewStep,
     Store,
     TurnWrite,
+    _clock,
+    _schema,
 )
-from celery_durable.errors import DurableError, StoreUnavailableError, WorkflowNotFoundError
 
 JSON = "application/json"
 T0 = 1_700_000_000.0
@@ -46,7 +48,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     clock = Clock()
-    monkeypatch.setattr(_store, "_now", lambda: clock.now)
+    monkeypatch.setattr(_clock, "now", lambda: clock.now)
     return clock
 
 
@@ -116,7 +118,7 @@ def start(store: Store, *names: str, run_id: str = "run-1") -> None:
     create(store, run_id)
     begun = store.begin_turn(run_id)
     assert begun is not None and begun.run.turn == 0
-    assert commit(store, run_id, 0, [], new_steps(*names), _store._now())
+    assert commit(store, run_id, 0, [], new_steps(*names), _clock.now())
 
 
 def states(store: Store, run_id: str = "run-1") -> dict[int, str]:
@@ -426,21 +428,6 @@ def test_release_step_only_moves_claimed_steps(store: Store) -> None:
     assert store.release_step("run-1", 1) is None
 
 
-def test_forget_workers_keeps_those_holding_claims(store: Store, clock: Clock) -> None:
-    start(store, "charge")
-    store.heartbeat("worker-a", "host-a", 1)
-    store.heartbeat("worker-b", "host-b", 2)
-    assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
-    clock.advance(1000)
-    store.forget_workers(older_than=100)
-    with store.engine.connect() as conn:
-        left = conn.execute(select(_schema.workers.c.id)).scalars().all()
-    assert left == ["worker-a"]
-
-
-# -- lost messages ------------------------------------------------------------------------
-
-
 def test_stale_dispatches_back_off_and_are_taken_by_one_sweeper(store: Store, clock: Clock) -> None:
     start(store, "charge")  # dispatched at T0
 
@@ -719,20 +706,44 @@ def test_an_sqlite_path_that_cannot_be_created_raises_store_unavailable() -> Non
     assert "/proc/no-such-dir" in str(caught.value)
 
 
-def test_a_version_1_store_is_upgraded_in_place_and_keeps_its_runs(url: str) -> None:
-    # Build the tables as schema version 1 had them: without the columns added since.
-    added = {column for columns in _schema.ADDED_COLUMNS.values() for column in columns}
+def _tables_of_version(version: int) -> MetaData:
+    """The tables as schema ``version`` had them: no column added since, renamed columns
+    under their old names, and no index on a column that did not exist yet."""
+    added = {
+        column
+        for since, columns in _schema.ADDED_COLUMNS.items()
+        if since > version
+        for column in columns
+    }
+    renamed = {
+        (table, new): old
+        for since, renames in _schema.RENAMED_COLUMNS.items()
+        if since > version
+        for table, old, new in renames
+    }
     old = MetaData()
     for table in (_schema.meta, _schema.runs, _schema.steps, _schema.workers):
-        Table(
-            table.name,
-            old,
-            *[c._copy() for c in table.columns if (table.name, c.name) not in added],
-        )
+        columns = []
+        for column in table.columns:
+            if (table.name, column.name) in added:
+                continue
+            copy = column._copy()
+            copy.name = copy.key = renamed.get((table.name, column.name), column.name)
+            columns.append(copy)
+        Table(table.name, old, *columns)
+    return old
+
+
+@pytest.mark.parametrize("version", range(1, _schema.SCHEMA_VERSION))
+def test_an_older_store_is_upgraded_in_place_and_keeps_its_runs(url: str, version: int) -> None:
+    old = _tables_of_version(version)
+    assert "woken_at" in old.tables["durable_runs"].c
     engine = create_engine(url)
     with engine.begin() as conn:
         old.create_all(conn)
-        conn.execute(insert(old.tables["durable_meta"]).values(key="schema_version", value="1"))
+        conn.execute(
+            insert(old.tables["durable_meta"]).values(key="schema_version", value=str(version))
+        )
         conn.execute(
             insert(old.tables["durable_runs"]).values(
                 id="old-run",
@@ -740,11 +751,29 @@ def test_a_version_1_store_is_upgraded_in_place_and_keeps_its_runs(url: str) -> 
                 status=RUNNING,
                 turn=2,
                 wake_pending=False,
+                woken_at=5.0,
                 content_type=JSON,
                 input=b"[[], {}]",
                 options={},
                 created_at=1.0,
                 updated_at=1.0,
+            )
+        )
+        # Before version 4 a timer kept its deadline in dispatched_at.
+        conn.execute(
+            insert(old.tables["durable_steps"]).values(
+                run_id="old-run",
+                seq=1,
+                kind="timer",
+                name="timer",
+                created_turn=2,
+                state=SCHEDULED,
+                dispatch_id="t-1",
+                dispatched_at=7.0,
+                redispatches=0,
+                attempts=0,
+                content_type=JSON,
+                input=b"null",
             )
         )
     engine.dispose()
@@ -753,13 +782,23 @@ def test_a_version_1_store_is_upgraded_in_place_and_keeps_its_runs(url: str) -> 
     try:
         run = store.require_run("old-run")  # reading needs the new columns
         assert (run.status, run.turn, run.attempt, run.seq_base) == (RUNNING, 2, 1, 0)
-        assert run.cancel_at is None and run.parent_id is None
+        assert (run.incarnation, run.cancel_at, run.parent_id) == (0, None, None)
+        [timer] = store.history("old-run")
+        assert timer.due_at == 7.0
         with store.engine.connect() as conn:
-            version = conn.execute(
+            stored = conn.execute(
                 select(_schema.meta.c.value).where(_schema.meta.c.key == "schema_version")
             ).scalar_one()
-            columns = {c["name"] for c in inspect(conn).get_columns("durable_runs")}
-        assert version == str(_schema.SCHEMA_VERSION)
-        assert {"cancel_at", "parent_id", "progress"} <= columns
+            inspector = inspect(conn)
+            columns = {c["name"] for c in inspector.get_columns("durable_runs")}
+            wake_sent_at = conn.execute(select(_schema.runs.c.wake_sent_at)).scalar_one()
+            indexes = {i["name"] for i in inspector.get_indexes("durable_steps")}
+        assert stored == str(_schema.SCHEMA_VERSION)
+        assert {"cancel_at", "parent_id", "progress", "incarnation", "wake_sent_at"} <= columns
+        assert "woken_at" not in columns
+        assert wake_sent_at == 5.0
+        assert "ix_durable_steps_state_due" in indexes
+        # The timer fires from its upgraded deadline.
+        assert store.fire_due_timers() == [("old-run", "shop.checkout", {})]
     finally:
         store.dispose()

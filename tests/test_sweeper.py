@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from celery_durable import _store, durable_workflow
+from celery_durable import durable_workflow
 from celery_durable._config import store_for
-from celery_durable._store import PENDING, STUCK, NewRun
-from celery_durable._sweeper import Sweeper
+from celery_durable.store import PENDING, STUCK, NewRun, _clock
+from celery_durable.worker import Sweeper
 
 _names = itertools.count()
 
@@ -23,7 +23,7 @@ async def known() -> None: ...
 @pytest.fixture
 def now(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     clock = [1_000_000.0]
-    monkeypatch.setattr(_store, "_now", lambda: clock[0])
+    monkeypatch.setattr(_clock, "now", lambda: clock[0])
     return clock
 
 

@@ -9,6 +9,13 @@
 
       handle = durable(chord(group(fetch.s(u) for u in urls), merge.s())).apply_async()
       handle.get(timeout=60)
+
+Parts: ``_shapes`` (Celery's own rules for reading a canvas), ``_walk`` (a canvas run as
+workflow code on the deterministic loop), ``_await`` (what makes a signature awaitable),
+``_durable`` (the built-in workflow that runs a canvas from outside), ``_errbacks``.
+
+Imports the runtime, the decorator and handles of the public API, the codec and Celery's
+canvas; nothing imports it but the package's ``__init__`` (a test holds the rule).
 """
 
 from . import _errbacks  # noqa: F401 - defines the built-in task a failed chord needs

@@ -25,8 +25,8 @@ from celery.utils.functional import maybe_list
 
 from .. import workflow
 from .._codec import encode_error
-from .._instance import WorkflowInstance, current_instance
 from ..errors import WorkflowAwaitError
+from ..runtime import WorkflowInstance, current_instance
 from ._shapes import (
     PER_MESSAGE_OPTIONS,
     add_body_callbacks,

@@ -21,52 +21,20 @@ import logging
 import os
 import threading
 import time
-import uuid
-from collections.abc import Iterable
-from contextlib import suppress
+from collections.abc import Collection
 
 from celery import Celery
 
-from ._codec import encode_error
-from ._config import settings_for, store_for
-from ._messages import publish_step, publish_wake, step_headers
-from ._store import STUCK, Dispatch, RunRecord
-from .errors import DurableError, UnknownWorkflowError
+from .._codec import encode_error
+from .._config import settings_for, store_for
+from ..errors import DurableError, UnknownWorkflowError
+from ..store import STUCK, RunRecord
+from ._messages import publish_wake
+from ._republish import resend, retry_run
 
-__all__ = ["Sweeper", "resend"]
+__all__ = ["Sweeper"]
 
 logger = logging.getLogger(__name__)
-
-
-def resend(app: Celery, dispatches: Iterable[Dispatch], copies: bool = False) -> int:
-    """Publish each dispatch again; returns how many were sent.
-
-    ``copies`` means the earlier message of the same dispatch may still be delivered, so
-    this one gets a task id of its own (see :func:`publish_step`).
-    """
-    codec = settings_for(app).codec
-    sent = 0
-    items = list(dispatches)
-    if not items:
-        return 0
-    with app.producer_or_acquire() as producer:
-        for dispatch in items:
-            args, kwargs, options = codec.loads(dispatch.content_type, dispatch.input)
-            publish_step(
-                app,
-                dispatch.name,
-                args,
-                kwargs,
-                options,
-                dispatch.dispatch_id,
-                step_headers(
-                    dispatch.run_id, dispatch.seq, dispatch.workflow, dispatch.driver_options
-                ),
-                producer=producer,
-                task_id=str(uuid.uuid4()) if copies else None,
-            )
-            sent += 1
-    return sent
 
 
 class Sweeper:
@@ -101,11 +69,7 @@ class Sweeper:
         for run in store.runs_to_wake(3 * self.settings.stall_timeout, exclude=known):
             self._park_unknown(run)
         # ...and a worker that knows it again (fixed code deployed) takes it back.
-        for run in store.stuck_runs():
-            unknown = (run.error or {}).get("type") == UnknownWorkflowError.__name__
-            if unknown and run.workflow in known:
-                with suppress(DurableError):
-                    self._retry(run.id)
+        self.retry_stuck(only_unknown_to=known)
         if released or stale or woken:
             logger.warning(
                 "celery_durable sweeper: re-sent %d steps of dead workers, %d unclaimed "
@@ -137,19 +101,20 @@ class Sweeper:
             return True
         return False
 
-    def _retry(self, run_id: str) -> None:
-        from .client import WorkflowHandle
+    def retry_stuck(self, only_unknown_to: Collection[str] | None = None) -> int:
+        """Wake STUCK runs (new code may have fixed them); returns how many.
 
-        WorkflowHandle(run_id, app=self.app).retry()
-
-    def retry_stuck(self) -> int:
-        """Wake STUCK runs once (new code may have fixed them); returns how many."""
-        from .client import WorkflowHandle
-
+        ``only_unknown_to``: just the runs parked because no worker knew their workflow,
+        of the workflows named (the ones this worker knows).
+        """
         count = 0
         for run in store_for(self.app).stuck_runs():
+            if only_unknown_to is not None:
+                unknown = (run.error or {}).get("type") == UnknownWorkflowError.__name__
+                if not (unknown and run.workflow in only_unknown_to):
+                    continue
             try:
-                WorkflowHandle(run.id, app=self.app).retry()
+                retry_run(self.app, run.id)
                 count += 1
             except DurableError:
                 pass  # another worker starting at the same time took it first

@@ -2,7 +2,7 @@
 
 * A **step message** is the user's own task, unchanged, under its own name, with a task
   id equal to the step's dispatch id and headers naming the run and step. Workers record
-  its outcome from signal handlers (see ``_worker``).
+  its outcome from signal handlers (see ``_claims``).
 * A **wake message** is the workflow's driver task with the run id as its only argument.
 
 Publishing always happens after the transaction that made the message necessary has

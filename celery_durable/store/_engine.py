@@ -16,7 +16,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 
-from .errors import StoreUnavailableError
+from ..errors import StoreUnavailableError
 
 __all__ = ["fork_gate", "live_stores", "make_engine", "safe_url"]
 

@@ -19,6 +19,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any, NoReturn
 
+from ..errors import NotInWorkflowError, WorkflowAwaitError
 from ._commands import (
     PATCH,
     CancelStep,
@@ -38,7 +39,6 @@ from ._commands import (
     WorkflowInfo,
 )
 from ._loop import WorkflowEventLoop
-from .errors import NotInWorkflowError, WorkflowAwaitError
 
 __all__ = ["MAX_TIMER_SECONDS", "ContinueAsNewRequest", "WorkflowInstance", "current_instance"]
 

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from .errors import WorkflowAwaitError
+from ..errors import WorkflowAwaitError
 
 if TYPE_CHECKING:
     from typing_extensions import TypeVarTuple, Unpack

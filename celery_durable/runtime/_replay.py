@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
+from ..errors import NonDeterminismError
 from ._commands import (
     PATCH,
     CompleteWorkflow,
@@ -24,7 +25,6 @@ from ._commands import (
     StepOutcome,
 )
 from ._instance import WorkflowInstance
-from .errors import NonDeterminismError
 
 __all__ = ["replay"]
 

@@ -11,8 +11,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._codec import ErrorInfo
-
 __all__ = [
     "ACTIVE",
     "CANCELLED",
@@ -31,6 +29,7 @@ __all__ = [
     "TERMINATED",
     "CancelledStep",
     "Dispatch",
+    "ErrorInfo",
     "NewRun",
     "NewStep",
     "RunRecord",
@@ -43,6 +42,9 @@ __all__ = [
     "step_record",
     "step_row",
 ]
+
+#: An exception described as JSON data: type, module, message, args, traceback.
+ErrorInfo = dict[str, Any]
 
 # Run statuses (Celery's names where the meaning matches).
 PENDING, RUNNING, SUCCESS, FAILURE, STUCK = "PENDING", "RUNNING", "SUCCESS", "FAILURE", "STUCK"
@@ -89,7 +91,10 @@ class RunRecord:
     parent_id: str | None = None
     parent_seq: int | None = None
     attempt: int = 1
+    #: Steps of the current incarnation are numbered from ``seq_base + 1``.
     seq_base: int = 0
+    #: How many times the run continued as new (0 for the first incarnation).
+    incarnation: int = 0
     cancel_requested: bool = False
     cancel_turn: int | None = None
     cancel_at: float | None = None
@@ -150,8 +155,8 @@ class CancelledStep:
 class TurnCommitted:
     """What a committed turn leaves the driver to do after the commit."""
 
-    #: Signal waits the commit matched with buffered signals: deliver in another turn.
-    ready_now: bool
+    #: The commit gave buffered signals to waits it opened: another turn can run now.
+    signals_matched: bool
     cancelled: list[CancelledStep]
     #: A finished child's parent, to wake: (run id, workflow, driver options).
     parent: tuple[str, str, Mapping[str, Any]] | None
@@ -180,6 +185,8 @@ class StepRecord:
     observed_at: float | None
     claimed_by: str | None
     child_id: str | None = None
+    #: A timer's deadline (UNIX seconds); None for other kinds of step.
+    due_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -213,7 +220,8 @@ def step_row(run_id: str, turn: int, at: float, step: NewStep) -> dict[str, Any]
         "created_turn": turn,
         "state": step.state,
         "dispatch_id": step.dispatch_id,
-        "dispatched_at": step.due if step.due is not None else at,
+        "dispatched_at": at,
+        "due_at": step.due,
         "redispatches": 0,
         "attempts": 0,
         "content_type": step.content_type,
@@ -235,7 +243,7 @@ def run_row(new: NewRun, at: float) -> dict[str, Any]:
         "status": PENDING,
         "turn": 0,
         "wake_pending": True,
-        "woken_at": at,
+        "wake_sent_at": at,
         "content_type": new.content_type,
         "input": new.input,
         "options": dict(new.options),
@@ -245,6 +253,7 @@ def run_row(new: NewRun, at: float) -> dict[str, Any]:
         "parent_seq": new.parent_seq,
         "attempt": 1,
         "seq_base": 0,
+        "incarnation": 0,
     }
 
 
@@ -267,6 +276,7 @@ def run_record(row: Any) -> RunRecord:
         parent_seq=row.parent_seq,
         attempt=row.attempt or 1,
         seq_base=row.seq_base or 0,
+        incarnation=row.incarnation or 0,
         cancel_requested=bool(row.cancel_requested),
         cancel_turn=row.cancel_turn,
         cancel_at=row.cancel_at,
@@ -295,4 +305,5 @@ def step_record(row: Any) -> StepRecord:
         observed_at=row.observed_at,
         claimed_by=row.claimed_by,
         child_id=row.child_id,
+        due_at=row.due_at,
     )

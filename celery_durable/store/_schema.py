@@ -21,6 +21,7 @@ from sqlalchemy import (
 
 __all__ = [
     "ADDED_COLUMNS",
+    "RENAMED_COLUMNS",
     "SCHEMA_VERSION",
     "meta",
     "metadata",
@@ -30,9 +31,9 @@ __all__ = [
     "workers",
 ]
 
-#: Bumped whenever the tables change; each bump comes with the upgrade step that
-#: :class:`~celery_durable._store.Store` applies to a store of the previous version.
-SCHEMA_VERSION = 3
+#: Bumped whenever the tables change; each bump comes with its upgrade step in
+#: :mod:`celery_durable.store._migrations`.
+SCHEMA_VERSION = 4
 
 #: What each version added, as (table, column) pairs; upgrades add them in order.
 #: (New tables need no entry: they are created whenever they are missing.)
@@ -48,6 +49,12 @@ ADDED_COLUMNS: dict[int, list[tuple[str, str]]] = {
         ("durable_steps", "child_id"),
     ],
     3: [("durable_runs", "cancel_at")],
+    4: [("durable_runs", "incarnation"), ("durable_steps", "due_at")],
+}
+
+#: Columns renamed by each version, as (table, old name, new name).
+RENAMED_COLUMNS: dict[int, list[tuple[str, str, str]]] = {
+    4: [("durable_runs", "woken_at", "wake_sent_at")],
 }
 
 metadata = MetaData()
@@ -70,7 +77,8 @@ runs = Table(
     Column("turn", Integer, nullable=False, default=0),
     # Set when a wake message is in flight, so N finishing steps send one wake, not N.
     Column("wake_pending", Boolean, nullable=False, default=False),
-    Column("woken_at", Float, nullable=True),
+    # When a wake was last sent (or flagged); the sweeper's backoff counts from it.
+    Column("wake_sent_at", Float, nullable=True),
     Column("content_type", String(128), nullable=False),
     Column("input", LargeBinary, nullable=False),
     Column("result", LargeBinary, nullable=True),
@@ -89,6 +97,10 @@ runs = Table(
     Column("attempt", Integer, nullable=True),
     # Steps of this incarnation are numbered from seq_base + 1 (continue-as-new).
     Column("seq_base", Integer, nullable=True),
+    # -- schema version 4 --
+    # Counts continue-as-new restarts (NULL in older rows: 0); with ``turn`` it names
+    # one point of the run's life that never comes back.
+    Column("incarnation", Integer, nullable=True),
     Column("cancel_requested", Boolean, nullable=True),
     # The turn that delivered the cancellation, and its time, for replay.
     Column("cancel_turn", Integer, nullable=True),
@@ -111,6 +123,7 @@ steps = Table(
     Column("state", String(16), nullable=False),
     # Celery task id of the message that may run this step; any other copy is dropped.
     Column("dispatch_id", String(64), nullable=False),
+    # When the step's current message was sent (for a step without one: when created).
     Column("dispatched_at", Float, nullable=False),
     Column("redispatches", Integer, nullable=False, default=0),
     Column("claimed_by", String(255), nullable=True),
@@ -128,9 +141,12 @@ steps = Table(
     # -- schema version 2 --
     # The run a "child" step started.
     Column("child_id", String(255), nullable=True),
-    # Timers are SCHEDULED with dispatched_at = their deadline, so this index finds the
-    # due ones as well as stale messages.
+    # -- schema version 4 --
+    # A timer's deadline (UNIX seconds); NULL for every other kind of step.
+    Column("due_at", Float, nullable=True),
+    # Finds stale messages (state, dispatched_at) and due timers (state, due_at).
     Index("ix_durable_steps_state_dispatched", "state", "dispatched_at"),
+    Index("ix_durable_steps_state_due", "state", "due_at"),
 )
 
 signals = Table(

@@ -1,0 +1,22 @@
+"""The driver layer: one wake message drives one run through the turns that are ready.
+
+A turn loads the run and its new outcomes from the store, brings the workflow's
+coroutine up to date (from the process's cache, or by replay), activates it, turns the
+commands it issued into one fenced commit, and then publishes the messages that commit
+implies. Parts:
+
+* ``_driver`` — :class:`RunDriver`, the turn itself and what follows its commit;
+* ``_plan`` — :class:`TurnPlan`, one method per kind of command;
+* ``_cache`` — suspended instances kept between turns.
+
+Imports the runtime, the store, the worker layer (for publishing), the codec, settings
+and Celery; never the canvas or public API modules (a test holds the rule).
+"""
+
+from __future__ import annotations
+
+from ._cache import InstanceCache, cache
+from ._driver import MAX_TURNS_IN_ONE_TASK, RunDriver
+from ._plan import TurnPlan
+
+__all__ = ["MAX_TURNS_IN_ONE_TASK", "InstanceCache", "RunDriver", "TurnPlan", "cache"]

@@ -1,0 +1,251 @@
+"""Driving a run: each turn loads the run, brings its coroutine up to date, advances
+it, commits, and publishes.
+
+A wake message runs the workflow's Celery task, which drives the run through the turns
+that are ready (usually one). A turn holds no lock while workflow code runs: the commit
+is fenced on the run's turn number, so when two workers race on one run exactly one
+commit lands and the other turn does nothing. Suspended coroutines are kept in a
+per-process cache (``_cache``) so that the usual turn skips replaying history.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from datetime import datetime, timezone
+from typing import Any
+
+from celery import Celery
+
+from .._codec import Codec, decode_error, encode_error
+from .._config import settings_for, store_for
+from ..errors import HistoryWriteError, NonDeterminismError
+from ..runtime import (
+    HistoryStep,
+    ScheduleActivity,
+    StartChild,
+    StepOutcome,
+    WorkflowInfo,
+    WorkflowInstance,
+    replay,
+)
+from ..store import ACTIVE, FAILURE, STUCK, RunRecord, StepRecord, Store, TurnCommitted, TurnWrite
+from ..worker import batched, publish_step, publish_wake, step_headers
+from ._cache import cache
+from ._plan import Messages, TurnPlan
+
+__all__ = ["MAX_TURNS_IN_ONE_TASK", "RunDriver"]
+
+logger = logging.getLogger(__name__)
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+#: Turns a driver may run back to back in one task, when local steps or buffered
+#: signals make the next turn ready at once.
+MAX_TURNS_IN_ONE_TASK = 100
+
+
+class RunDriver:
+    """Drives one run through the turns that are ready: one per wake message, then
+    :meth:`drive`."""
+
+    def __init__(
+        self,
+        app: Celery,
+        workflow: str,
+        fn: Callable[..., Coroutine[Any, Any, Any]],
+        run_id: str,
+    ) -> None:
+        self.app = app
+        self.workflow = workflow
+        self.fn = fn
+        self.run_id = run_id
+        self.settings = settings_for(app)
+        self.codec: Codec = self.settings.codec
+        self.store: Store = store_for(app)
+
+    @property
+    def _label(self) -> str:
+        return f"workflow {self.workflow}[{self.run_id}]"
+
+    def drive(self) -> str | None:
+        """Run the turns that are ready; returns the run's status (None if there is no run)."""
+        status: str | None = None
+        for _ in range(MAX_TURNS_IN_ONE_TASK):
+            status, again = self._turn()
+            if not again:
+                return status
+        # Still more to do: let another task (maybe another worker) carry on.
+        run = self.store.get_run(self.run_id)
+        if run is not None:
+            publish_wake(self.app, self.workflow, self.run_id, run.options)
+        return status
+
+    def _turn(self) -> tuple[str | None, bool]:
+        start = self.store.begin_turn(self.run_id)
+        if start is None:
+            logger.warning("%s: no such run in the store; wake ignored", self._label)
+            return None, False
+        run = start.run
+        if run.status not in ACTIVE:
+            return run.status, False
+        cancel = run.cancel_requested and run.cancel_turn is None
+        if run.turn > 0 and not start.new_outcomes and not cancel:
+            return run.status, False  # a duplicate or coalesced wake: nothing new
+
+        instance = cache.take(self.run_id, run.turn, run.incarnation)
+        # The turn's time; the first turn's becomes the run's start time, which replays
+        # read back from the store, so the first execution must see the same value.
+        at = time.time()
+        try:
+            if instance is None:
+                instance = self._rebuild(run, at)
+            outcomes = [self._outcome(step) for step in start.new_outcomes]
+            commands = instance.activate(outcomes, _utc(at), cancel=cancel)
+        except NonDeterminismError as exc:
+            logger.error("%s is STUCK: %s", self._label, exc)
+            self.store.park(self.run_id, run.turn, STUCK, encode_error(exc))
+            return STUCK, False
+        except Exception as exc:
+            # Not the workflow's own exception (those fail the run inside activate): its
+            # history could not be loaded or replayed here. Park it rather than retry
+            # forever; it resumes on retry() or when a worker with fixed code starts.
+            logger.exception("%s is STUCK: its history could not be replayed", self._label)
+            self.store.park(self.run_id, run.turn, STUCK, encode_error(exc))
+            return STUCK, False
+
+        write = TurnWrite(
+            turn=run.turn,
+            at=at,
+            delivered=[step.seq for step in start.new_outcomes],
+            cancel_delivered=cancel,
+        )
+        plan = TurnPlan(self.run_id, self._label, self.codec, run.started_at or at, write).add(
+            commands
+        )
+
+        try:
+            committed = self.store.commit_turn(self.run_id, write)
+        except HistoryWriteError as exc:
+            # The database refuses this turn's writes and would refuse them again on
+            # every retry: park the run with the reason instead of waking it forever.
+            logger.error("%s is STUCK: %s", self._label, exc)
+            instance.close()
+            self.store.park(self.run_id, run.turn, STUCK, encode_error(exc))
+            return STUCK, False
+        if committed is None:
+            # Another turn moved the run on first. It may not have seen what this one
+            # saw, so make sure someone looks again.
+            logger.info("%s: turn %d lost a race; waking the run again", self._label, run.turn)
+            instance.close()
+            publish_wake(self.app, self.workflow, self.run_id, run.options)
+            return None, False
+
+        if not instance.finished:
+            cache.put(self.run_id, instance, self.settings.cache_size, run.incarnation)
+        else:
+            instance.close()  # tasks it left pending must not run at garbage collection
+        self._publish(run, plan.messages, committed)
+        if write.status == FAILURE and write.error is not None:
+            logger.info("%s failed: %s", self._label, write.error.get("message"))
+        again = plan.messages.local_steps or committed.signals_matched or write.restart is not None
+        return write.status, bool(again)
+
+    # -- after the commit ------------------------------------------------------------------
+
+    def _publish(self, run: RunRecord, plan: Messages, committed: TurnCommitted) -> None:
+        """Send what the committed turn implies. A message lost here is re-sent by a sweeper."""
+        wakes = list(plan.children)
+        if committed.parent is not None:
+            wakes.append(committed.parent)
+        to_cancel = [c for c in committed.cancelled if c.kind == "child" and c.child_id]
+        to_revoke = [c.dispatch_id for c in committed.cancelled if c.kind == "activity"]
+        if not (plan.activities or wakes or to_cancel or to_revoke):
+            return
+        count = len(plan.activities) + len(wakes)
+        with self.app.producer_or_acquire() as producer, batched(producer, count):
+            if plan.activities:
+                headers = step_headers(self.run_id, 0, self.workflow, run.options)
+                for command, dispatch_id in plan.activities:
+                    publish_step(
+                        self.app,
+                        command.name,
+                        command.args,
+                        command.kwargs,
+                        command.options,
+                        dispatch_id,
+                        {**headers, "durable_seq": command.seq},
+                        producer=producer,
+                    )
+            for run_id, workflow, options in wakes:
+                publish_wake(self.app, workflow, run_id, options, producer=producer)
+        for step in to_cancel:
+            assert step.child_id is not None
+            wake = self.store.request_cancel(step.child_id, quiet=True)
+            if wake is not None:
+                publish_wake(self.app, wake[1], wake[0], wake[2])
+        if to_revoke:
+            # Best effort: a step that runs anyway has its outcome dropped.
+            try:
+                self.app.control.revoke(to_revoke)
+            except Exception:
+                logger.warning("%s: could not revoke cancelled steps", self._label, exc_info=True)
+
+    # -- building the instance -----------------------------------------------------------
+
+    def _new_instance(self, run: RunRecord, at: float) -> WorkflowInstance:
+        args, kwargs = self.codec.loads(run.content_type, run.input)
+        info = WorkflowInfo(
+            workflow_id=run.id,
+            name=self.workflow,
+            start_time=_utc(run.started_at or at),
+            attempt=run.attempt,
+            parent_id=run.parent_id,
+        )
+        return WorkflowInstance(
+            self.fn, args, kwargs, info, encode=self._encode_step, seq_base=run.seq_base
+        )
+
+    def _rebuild(self, run: RunRecord, at: float) -> WorkflowInstance:
+        instance = self._new_instance(run, at)
+        if run.turn == 0:
+            return instance
+        records = self.store.history(self.run_id)
+        turn_times = {1: _utc(run.started_at or run.created_at)}
+        if run.cancel_turn is not None and run.cancel_at is not None:
+            turn_times[run.cancel_turn] = _utc(run.cancel_at)
+        history = []
+        for record in records:
+            outcome = None
+            if record.observed_turn is not None:
+                outcome = self._outcome(record)
+                if record.observed_at is not None:
+                    turn_times.setdefault(record.observed_turn, _utc(record.observed_at))
+            history.append(
+                HistoryStep(
+                    seq=record.seq,
+                    kind=record.kind,
+                    name=record.name,
+                    created_turn=record.created_turn,
+                    observed_turn=record.observed_turn,
+                    outcome=outcome,
+                )
+            )
+        replay(instance, history, run.turn, turn_times, cancel_turn=run.cancel_turn)
+        return instance
+
+    def _encode_step(self, command: ScheduleActivity | StartChild) -> tuple[str, bytes]:
+        return self.codec.dumps(
+            [list(command.args), dict(command.kwargs), dict(command.options)],
+            f"the arguments of step {command.seq} ({command.name}) of {self._label}",
+        )
+
+    def _outcome(self, step: StepRecord) -> StepOutcome:
+        if step.outcome == "error":
+            return StepOutcome(step.seq, error=decode_error(step.error or {}))
+        value = None if step.result is None else self.codec.loads(step.content_type, step.result)
+        return StepOutcome(step.seq, value=value)

@@ -1,0 +1,194 @@
+"""What every part of the store stands on: the engine, its three kinds of connection,
+and the few conditions and reads that several operations share.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, and_, func, select, true
+from sqlalchemy.exc import OperationalError
+
+from ..errors import StoreUnavailableError
+from . import _migrations
+from . import _schema as s
+from ._engine import fork_gate, live_stores, make_engine, safe_url
+from ._records import Dispatch
+from ._statements import HotStatements
+
+__all__ = ["RunWake", "StoreBase", "load_dispatches", "step_is"]
+
+#: A run to wake: (run id, workflow name, driver routing options).
+RunWake = tuple[str, str, Mapping[str, Any]]
+
+
+class StoreBase:
+    """The engine and connections of a store; the operations are in the mixins of
+    :class:`~celery_durable.store.Store`.
+
+    Three kinds of connection, each named for what its caller may rely on:
+
+    * :meth:`_transaction`: one atomic write transaction (``BEGIN IMMEDIATE`` on SQLite).
+    * :meth:`_read`: a single read query; PostgreSQL runs it without BEGIN/COMMIT.
+    * :meth:`_each_statement_commits`: on PostgreSQL each statement commits by itself
+      (one round trip each); SQLite, which serialises writers anyway, runs them in one
+      transaction. Callers say why their order of commits is safe.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.dialect = self.engine.dialect.name
+        self._ready = False
+        self._ready_lock = threading.Lock()
+        self._hot = HotStatements(self._no_disk_wait())
+        live_stores.add(self)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        self.ensure_schema()
+        with self._fork_gate():
+            conn = self._connect()
+            with conn, conn.begin():
+                yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        if self.dialect == "postgresql":
+            # One SELECT sees one snapshot without a BEGIN and COMMIT around it.
+            with self._each_statement_commits() as conn:
+                yield conn
+            return
+        self.ensure_schema()
+        with self._fork_gate():
+            conn = self._connect()
+            with conn:
+                # A deferred transaction: readers do not queue behind SQLite's writer lock.
+                conn = conn.execution_options(durable_readonly=True)
+                with conn.begin():
+                    yield conn
+
+    @contextmanager
+    def _each_statement_commits(self) -> Iterator[Connection]:
+        if self.dialect != "postgresql":
+            with self._transaction() as conn:
+                yield conn
+            return
+        self.ensure_schema()
+        with self._connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    def _no_disk_wait(self) -> ColumnElement[bool]:
+        """A condition that is always true and lets its statement commit without waiting
+        for the disk (PostgreSQL; on SQLite it is just true).
+
+        For single statements on an :meth:`_each_statement_commits` connection whose
+        loss in a database crash the sweeper repairs. ``SET LOCAL synchronous_commit``
+        would need a transaction of three round trips; this makes the setting inside the
+        statement. A row is written only once every condition held, this one included,
+        so no write of the statement waits for the disk.
+        """
+        if self.dialect != "postgresql":
+            return true()
+        return func.set_config("synchronous_commit", "off", True) == "off"
+
+    def _connect(self) -> Connection:
+        try:
+            return self.engine.connect()
+        except OperationalError as exc:
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: OperationalError) -> StoreUnavailableError:
+        return StoreUnavailableError(
+            f"cannot reach the workflow store at {safe_url(self.url)}: {exc.orig}. "
+            "Check app.conf.durable_database_url and that the database server is running."
+        )
+
+    def _fork_gate(self) -> AbstractContextManager[None]:
+        # Only SQLite needs it: psycopg connections already ignore a fork.
+        return fork_gate.held() if self.dialect == "sqlite" else nullcontext()
+
+    def ensure_schema(self) -> None:
+        """Create the tables if they are missing, or upgrade them, once per process."""
+        if self._ready:
+            return
+        with self._ready_lock:
+            if self._ready:
+                return
+            try:
+                with self._fork_gate():
+                    _migrations.prepare(self.engine, safe_url(self.url))
+            except OperationalError as exc:
+                raise self._unavailable(exc) from exc
+            self._ready = True
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+    def _flag_wake(
+        self, conn: Connection, run_id: str, at: float, locked: bool = False
+    ) -> RunWake | None:
+        """Set the run's wake flag in this transaction; returns what to publish if it
+        was not already set.
+
+        ``locked``: this transaction already holds the run's row (it updated it).
+        """
+        # The caller has just completed a step in this same transaction, which no driver
+        # can see before the commit. Hold the run's row until then: a driver clearing the
+        # flag meanwhile waits and reads the step afterwards. Without the lock it could
+        # clear the flag and read the steps in between (READ COMMITTED), miss the step,
+        # and the flag seen set here would promise a wake that never comes.
+        if not locked:
+            conn.execute(
+                select(s.runs.c.id).where(s.runs.c.id == run_id).with_for_update(key_share=True)
+            )
+        row = conn.execute(self._hot.flag_wake, {"b_run": run_id, "b_at": at}).first()
+        return None if row is None else (run_id, row.workflow, row.options or {})
+
+
+def step_is(run_id: str, seq: int | None, *states: str) -> ColumnElement[bool]:
+    """The condition "step ``seq`` of run ``run_id``", in one of ``states`` if any given."""
+    condition = and_(s.steps.c.run_id == run_id, s.steps.c.seq == seq)
+    if states:
+        condition = and_(condition, s.steps.c.state.in_(states))
+    return condition
+
+
+def load_dispatches(
+    conn: Connection, condition: Any, keys: Sequence[tuple[str, int]] | None = None
+) -> list[Dispatch]:
+    """What is needed to publish each step matching ``condition`` (of these runs' keys)."""
+    query = (
+        select(
+            s.steps.c.run_id,
+            s.steps.c.seq,
+            s.steps.c.name,
+            s.steps.c.dispatch_id,
+            s.steps.c.content_type,
+            s.steps.c.input,
+            s.runs.c.workflow,
+            s.runs.c.options,
+        )
+        .join(s.runs, s.runs.c.id == s.steps.c.run_id)
+        .where(condition)
+        .order_by(s.steps.c.run_id, s.steps.c.seq)
+    )
+    if keys is not None:
+        query = query.where(s.steps.c.run_id.in_(sorted({k[0] for k in keys})))
+    return [
+        Dispatch(
+            run_id=r.run_id,
+            seq=r.seq,
+            name=r.name,
+            dispatch_id=r.dispatch_id,
+            content_type=r.content_type,
+            input=r.input,
+            workflow=r.workflow,
+            driver_options=r.options or {},
+        )
+        for r in conn.execute(query)
+    ]

@@ -1,0 +1,287 @@
+"""What people and parent runs do to a run from outside: signal, cancel, terminate,
+park and resume it."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import and_, func, insert, select, update
+
+from ..errors import DurableError, SignalError, WorkflowNotFoundError
+from . import _clock
+from . import _schema as s
+from ._base import RunWake, load_dispatches, step_is
+from ._records import (
+    ACTIVE,
+    DONE,
+    FAILURE,
+    FINISHED,
+    OPEN_STEP_STATES,
+    PENDING,
+    RUNNING,
+    SCHEDULED,
+    STUCK,
+    TERMINATED,
+    CancelledStep,
+    Dispatch,
+    ErrorInfo,
+    TurnWrite,
+    run_record,
+)
+from ._turns import TurnWrites
+
+__all__ = ["RunControl"]
+
+
+class RunControl(TurnWrites):
+    """Signals, cancellation, termination, parking and resuming of runs."""
+
+    def send_signal(
+        self, run_id: str, name: str, content_type: str, payload: bytes
+    ) -> RunWake | None:
+        """Buffer a signal for a run and match it to a waiting step.
+
+        Returns the run to wake (id, workflow, options) when a wait took it.
+
+        Raises:
+            SignalError: the run does not exist or has finished.
+        """
+        at = _clock.now()
+        with self._transaction() as conn:
+            # Taking the run's row first orders this against a turn inserting a wait.
+            row = conn.execute(
+                update(s.runs)
+                .where(s.runs.c.id == run_id)
+                .values(updated_at=s.runs.c.updated_at)
+                .returning(s.runs.c.status, s.runs.c.workflow)
+            ).first()
+            if row is None:
+                raise SignalError(
+                    f"cannot signal {name!r} to workflow run {run_id!r}: no such run; check "
+                    "the workflow id"
+                )
+            if row.status not in (*ACTIVE, STUCK):
+                raise SignalError(
+                    f"cannot signal {name!r} to workflow {row.workflow}[{run_id}]: it has "
+                    f"finished ({row.status}); nothing would ever read the signal"
+                )
+            # No committed state has a signal buffered while a wait of its name is open
+            # (a turn adding or cancelling a wait matches before it commits, under this
+            # same row lock), so the new signal goes to the oldest open wait of its name,
+            # or to the buffer: no need to read the buffer.
+            wait = conn.execute(
+                select(s.steps.c.seq)
+                .where(
+                    and_(
+                        s.steps.c.run_id == run_id,
+                        s.steps.c.kind == "signal",
+                        s.steps.c.state == SCHEDULED,
+                        s.steps.c.name == name,
+                    )
+                )
+                .order_by(s.steps.c.seq)
+                .limit(1)
+            ).scalar_one_or_none()
+            conn.execute(
+                insert(s.signals).values(
+                    run_id=run_id,
+                    name=name,
+                    content_type=content_type,
+                    payload=payload,
+                    created_at=at,
+                    consumed_seq=wait,
+                )
+            )
+            if wait is None:
+                return None
+            self._give_signal(conn, run_id, wait, content_type, payload, at)
+            return self._flag_wake(conn, run_id, at, locked=True)
+
+    def request_cancel(self, run_id: str, quiet: bool = False) -> RunWake | None:
+        """Ask a run to cancel; returns it to wake (None if a wake is already pending).
+
+        With ``quiet`` (a parent cancelling its child), a finished or missing run is not
+        an error: there is simply nothing to do.
+
+        Raises:
+            WorkflowNotFoundError: no such run.
+            DurableError: the run has already finished.
+        """
+        at = _clock.now()
+        with self._transaction() as conn:
+            row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
+            if quiet and (row is None or row.status in FINISHED):
+                return None
+            if row is None:
+                raise WorkflowNotFoundError(f"no workflow run with id {run_id!r} to cancel")
+            if row.status in FINISHED:
+                raise DurableError(
+                    f"workflow {row.workflow}[{run_id}] has already finished ({row.status}); "
+                    "there is nothing to cancel"
+                )
+            if row.cancel_requested:
+                return None
+            conn.execute(
+                update(s.runs)
+                .where(s.runs.c.id == run_id)
+                .values(cancel_requested=True, updated_at=at)
+            )
+            return self._flag_wake(conn, run_id, at)
+
+    def terminate(
+        self, run_id: str, error: ErrorInfo
+    ) -> tuple[list[CancelledStep], RunWake | None]:
+        """End a run now without running its code; returns its open steps and parent wake.
+
+        Raises:
+            WorkflowNotFoundError: no such run.
+            DurableError: the run has already finished.
+        """
+        at = _clock.now()
+        with self._transaction() as conn:
+            row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
+            if row is None:
+                raise WorkflowNotFoundError(f"no workflow run with id {run_id!r} to terminate")
+            if row.status in FINISHED:
+                raise DurableError(
+                    f"workflow {row.workflow}[{run_id}] has already finished ({row.status}); "
+                    "there is nothing to terminate"
+                )
+            conn.execute(
+                update(s.runs)
+                .where(s.runs.c.id == run_id)
+                .values(status=TERMINATED, error=error, finished_at=at, updated_at=at)
+            )
+            open_seqs = (
+                conn.execute(
+                    select(s.steps.c.seq).where(
+                        and_(s.steps.c.run_id == run_id, s.steps.c.state.in_(OPEN_STEP_STATES))
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            cancelled = self._cancel_steps(conn, run_id, list(open_seqs), at)
+            parent = None
+            if row.parent_id is not None:
+                write = TurnWrite(turn=row.turn, at=at, status=TERMINATED, error=error)
+                parent = self._complete_parent_step(conn, row.parent_id, row.parent_seq, write, at)
+            return cancelled, parent
+
+    def park(self, run_id: str, turn: int, status: str, error: ErrorInfo) -> bool:
+        """Stop a run at ``turn`` (without recording a new turn), keeping its history."""
+        at = _clock.now()
+        with self._transaction() as conn:
+            return (
+                conn.execute(
+                    update(s.runs)
+                    .where(
+                        and_(
+                            s.runs.c.id == run_id,
+                            s.runs.c.turn == turn,
+                            s.runs.c.status.in_(ACTIVE),
+                        )
+                    )
+                    .values(status=status, error=error, updated_at=at)
+                ).rowcount
+                == 1
+            )
+
+    def resume(self, run_id: str) -> str:
+        """Put a STUCK or FAILED run back to RUNNING; returns the status it had.
+
+        A failed run goes back to the turn before the one that failed: the outcomes that
+        turn delivered are delivered again, and steps that failed are scheduled again.
+        Returns the previous status; the caller publishes a wake.
+        """
+        at = _clock.now()
+        with self._transaction() as conn:
+            row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
+            if row is None:
+                raise WorkflowNotFoundError(f"no workflow run with id {run_id!r} to retry")
+            run = run_record(row)
+            if run.status == STUCK:
+                conn.execute(
+                    update(s.runs)
+                    .where(s.runs.c.id == run_id)
+                    .values(
+                        status=RUNNING if run.turn else PENDING,
+                        error=None,
+                        updated_at=at,
+                        attempt=func.coalesce(s.runs.c.attempt, 1) + 1,
+                    )
+                )
+                return STUCK
+            if run.status != FAILURE:
+                raise DurableError(
+                    f"workflow {run.workflow}[{run_id}] is {run.status}; only STUCK or "
+                    "FAILURE runs can be retried"
+                )
+            created_last = conn.execute(
+                select(func.count())
+                .select_from(s.steps)
+                .where(and_(s.steps.c.run_id == run_id, s.steps.c.created_turn == run.turn))
+            ).scalar_one()
+            if created_last:
+                raise DurableError(
+                    f"workflow {run.workflow}[{run_id}] scheduled steps in the turn that "
+                    "failed, so it cannot be rewound; start a new run instead"
+                )
+            last = run.turn
+            failed = conn.execute(
+                select(s.steps.c.seq).where(
+                    and_(
+                        s.steps.c.run_id == run_id,
+                        s.steps.c.observed_turn == last,
+                        s.steps.c.outcome == "error",
+                    )
+                )
+            ).scalars()
+            for seq in list(failed):
+                conn.execute(
+                    update(s.steps)
+                    .where(step_is(run_id, seq))
+                    .values(
+                        state=SCHEDULED,
+                        outcome=None,
+                        error=None,
+                        result=None,
+                        observed_turn=None,
+                        observed_at=None,
+                        completed_at=None,
+                        claimed_by=None,
+                        claimed_retries=None,
+                        dispatch_id=str(uuid.uuid4()),
+                        dispatched_at=at,
+                    )
+                )
+            conn.execute(
+                update(s.steps)
+                .where(and_(s.steps.c.run_id == run_id, s.steps.c.observed_turn == last))
+                .values(state=DONE, observed_turn=None, observed_at=None)
+            )
+            conn.execute(
+                update(s.runs)
+                .where(s.runs.c.id == run_id)
+                .values(
+                    status=RUNNING if last > 1 else PENDING,
+                    turn=last - 1,
+                    attempt=func.coalesce(s.runs.c.attempt, 1) + 1,
+                    error=None,
+                    finished_at=None,
+                    updated_at=at,
+                )
+            )
+            return FAILURE
+
+    def dispatches_to_resend(self, run_id: str) -> list[Dispatch]:
+        """Steps of a run scheduled but not yet claimed, for publishing after a retry."""
+        with self._read() as conn:
+            return load_dispatches(
+                conn,
+                and_(
+                    s.steps.c.run_id == run_id,
+                    s.steps.c.state == SCHEDULED,
+                    s.steps.c.kind == "activity",
+                ),
+            )

@@ -1,0 +1,251 @@
+"""What the sweepers read and take: heartbeats, claims of dead workers, messages that
+look lost, runs whose wake looks lost, stuck runs, and due timers.
+
+Many sweepers may run at once: each item is taken by one of them in a fenced update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from sqlalchemy import and_, insert, or_, select, true, update
+
+from . import _clock
+from . import _schema as s
+from ._base import RunWake, load_dispatches, step_is
+from ._records import (
+    ACTIVE,
+    CLAIMED,
+    DONE,
+    SCHEDULED,
+    STUCK,
+    Dispatch,
+    RunRecord,
+    run_record,
+)
+from ._steps import StepClaims
+
+__all__ = ["Recovery"]
+
+
+class Recovery(StepClaims):
+    """Liveness of workers and the recovery queries of the sweeper."""
+
+    def heartbeat(self, worker: str, hostname: str, pid: int) -> None:
+        """Record that ``worker`` is alive now (registering it the first time)."""
+        at = _clock.now()
+        with self._transaction() as conn:
+            seen = conn.execute(
+                update(s.workers)
+                .where(s.workers.c.id == worker)
+                .values(last_seen=at, stopped_at=None)
+            ).rowcount
+            if not seen:
+                conn.execute(
+                    insert(s.workers).values(
+                        id=worker, hostname=hostname, pid=pid, started_at=at, last_seen=at
+                    )
+                )
+                # A worker starting under a node name means any older instance with that
+                # name is gone (Celery refuses two live workers with one name).
+                conn.execute(
+                    update(s.workers)
+                    .where(
+                        and_(
+                            s.workers.c.hostname == hostname,
+                            s.workers.c.id != worker,
+                            s.workers.c.stopped_at.is_(None),
+                        )
+                    )
+                    .values(stopped_at=at)
+                )
+
+    def worker_stopped(self, worker: str) -> None:
+        """Record a clean shutdown of ``worker``."""
+        with self._transaction() as conn:
+            conn.execute(
+                update(s.workers).where(s.workers.c.id == worker).values(stopped_at=_clock.now())
+            )
+
+    def release_dead_claims(self, dead_after: float) -> list[Dispatch]:
+        """New dispatches for steps claimed by workers that stopped or went silent."""
+        cutoff = _clock.now() - dead_after
+        dead = select(s.workers.c.id).where(
+            or_(s.workers.c.stopped_at.is_not(None), s.workers.c.last_seen < cutoff)
+        )
+        # A claim by a worker that never registered (started without the bootstep) has
+        # no heartbeat to go silent; it counts as dead once it is as old as the timeout.
+        unknown = and_(
+            s.steps.c.claimed_by.not_in(select(s.workers.c.id)),
+            s.steps.c.claimed_at < cutoff,
+        )
+        with self._transaction() as conn:
+            rows = conn.execute(
+                select(s.steps.c.run_id, s.steps.c.seq).where(
+                    and_(
+                        s.steps.c.state == CLAIMED,
+                        or_(s.steps.c.claimed_by.in_(dead), unknown),
+                    )
+                )
+            ).all()
+        released = []
+        for run_id, seq in rows:
+            dispatch = self.release_step(run_id, seq)
+            if dispatch is not None:
+                released.append(dispatch)
+        return released
+
+    def stale_dispatches(self, older_than: float, limit: int = 1000) -> list[Dispatch]:
+        """Steps published but never claimed for a while, taken for re-publishing.
+
+        Each step is taken by one sweeper only, and waits twice as long before its next
+        re-publish, so a long queue is not flooded with copies. The copies share the
+        dispatch id, so whichever is received first runs and the others are dropped.
+        """
+        now = _clock.now()
+        with self._transaction() as conn:
+            rows = conn.execute(
+                select(s.steps.c.run_id, s.steps.c.seq, s.steps.c.redispatches)
+                .where(
+                    and_(
+                        s.steps.c.state == SCHEDULED,
+                        s.steps.c.dispatched_at < now - older_than,
+                        # Timers, signal waits and children wait on purpose; only task
+                        # messages can be lost.
+                        s.steps.c.kind == "activity",
+                    )
+                )
+                .limit(limit)
+            ).all()
+            taken = []
+            for run_id, seq, redispatches in rows:
+                wait = older_than * (2 ** min(int(redispatches), 6))
+                moved = conn.execute(
+                    update(s.steps)
+                    .where(step_is(run_id, seq, SCHEDULED), s.steps.c.dispatched_at < now - wait)
+                    .values(dispatched_at=now, redispatches=s.steps.c.redispatches + 1)
+                ).rowcount
+                if moved:
+                    taken.append((run_id, seq))
+            if not taken:
+                return []
+            return [
+                d
+                for d in load_dispatches(conn, s.steps.c.state == SCHEDULED, taken)
+                if (d.run_id, d.seq) in set(taken)
+            ]
+
+    def runs_to_wake(
+        self,
+        older_than: float,
+        limit: int = 1000,
+        workflows: Collection[str] | None = None,
+        exclude: Collection[str] = (),
+    ) -> list[RunRecord]:
+        """Active runs with work to do whose wake looks lost; each taken by one sweeper.
+
+        ``workflows`` limits it to runs of those workflows (the ones the caller can route
+        a wake for); ``exclude`` leaves those out.
+        """
+        now = _clock.now()
+        cutoff = now - older_than
+        has_outcome = (
+            select(s.steps.c.run_id)
+            .where(and_(s.steps.c.state == DONE, s.steps.c.completed_at < cutoff))
+            .scalar_subquery()
+        )
+        with self._transaction() as conn:
+            rows = conn.execute(
+                select(s.runs)
+                .where(
+                    and_(
+                        s.runs.c.status.in_(ACTIVE),
+                        or_(s.runs.c.wake_sent_at.is_(None), s.runs.c.wake_sent_at < cutoff),
+                        or_(
+                            and_(
+                                s.runs.c.turn == 0,
+                                s.runs.c.updated_at < cutoff,
+                                # A run never driven is most often just queued behind a
+                                # burst of starts. Waiting as long again as it has waited
+                                # (up to 64 periods) before each new wake keeps a backlog
+                                # from being flooded with copies of its own wakes.
+                                or_(
+                                    s.runs.c.wake_sent_at - s.runs.c.created_at
+                                    <= now - s.runs.c.wake_sent_at,
+                                    s.runs.c.wake_sent_at < now - 64 * older_than,
+                                ),
+                            ),
+                            s.runs.c.id.in_(has_outcome),
+                            and_(
+                                s.runs.c.cancel_requested.is_(True),
+                                s.runs.c.cancel_turn.is_(None),
+                                s.runs.c.updated_at < cutoff,
+                            ),
+                        ),
+                        true() if workflows is None else s.runs.c.workflow.in_(list(workflows)),
+                        true() if not exclude else s.runs.c.workflow.not_in(list(exclude)),
+                    )
+                )
+                .limit(limit)
+            ).all()
+            taken = []
+            for row in rows:
+                moved = conn.execute(
+                    update(s.runs)
+                    .where(
+                        and_(
+                            s.runs.c.id == row.id,
+                            or_(s.runs.c.wake_sent_at.is_(None), s.runs.c.wake_sent_at < cutoff),
+                        )
+                    )
+                    .values(wake_sent_at=now, wake_pending=True)
+                ).rowcount
+                if moved:
+                    taken.append(run_record(row))
+            return taken
+
+    def stuck_runs(self, limit: int = 1000) -> list[RunRecord]:
+        """Runs parked as STUCK (retried when new code starts)."""
+        with self._read() as conn:
+            rows = conn.execute(select(s.runs).where(s.runs.c.status == STUCK).limit(limit))
+            return [run_record(r) for r in rows]
+
+    def fire_due_timers(
+        self, limit: int = 1000, workflows: Collection[str] | None = None
+    ) -> list[RunWake]:
+        """Complete timers whose deadline has passed; returns the runs to wake.
+
+        ``workflows``: only timers of runs of these workflows (those the caller can
+        route wakes for); None: every timer.
+        """
+        at = _clock.now()
+        with self._transaction() as conn:
+            due_now = and_(
+                s.steps.c.state == SCHEDULED,
+                s.steps.c.due_at <= at,
+                s.steps.c.kind == "timer",
+            )
+            if workflows is not None:
+                ours = select(s.runs.c.id).where(s.runs.c.workflow.in_(list(workflows)))
+                due_now = and_(due_now, s.steps.c.run_id.in_(ours))
+            due = select(s.steps.c.run_id, s.steps.c.seq).where(due_now).limit(limit)
+            if self.dialect == "postgresql":
+                due = due.with_for_update(skip_locked=True)
+            rows = conn.execute(due).all()
+            if not rows:
+                return []
+            fired: set[str] = set()
+            for run_id, seq in rows:
+                moved = conn.execute(
+                    update(s.steps)
+                    .where(step_is(run_id, seq, SCHEDULED))
+                    .values(state=DONE, outcome="ok", completed_at=at)
+                ).rowcount
+                if moved:
+                    fired.add(run_id)
+            wakes = []
+            for run_id in sorted(fired):
+                wake = self._flag_wake(conn, run_id, at)
+                if wake is not None:
+                    wakes.append(wake)
+            return wakes

@@ -1,0 +1,76 @@
+"""Starting runs and reading them: what clients, the CLI and Flower look at."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from ..errors import WorkflowNotFoundError
+from . import _clock
+from . import _schema as s
+from ._base import StoreBase
+from ._engine import safe_url
+from ._records import NewRun, RunRecord, StepRecord, run_record, run_row, step_record
+
+__all__ = ["RunReads"]
+
+
+class RunReads(StoreBase):
+    """Creating a run, and every read of runs and their history."""
+
+    def create_run(self, new: NewRun) -> bool:
+        """Insert ``new`` unless a run with its id exists; True when it was created."""
+        # One statement that skips an existing id, committing by itself (and durably):
+        # no read first and no BEGIN/COMMIT round trips, which made up about a third of
+        # the time to start a run on PostgreSQL.
+        dialect_insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
+        statement = (
+            dialect_insert(s.runs)
+            .values(**run_row(new, _clock.now()))
+            .on_conflict_do_nothing(index_elements=[s.runs.c.id])
+            .returning(s.runs.c.id)
+        )
+        with self._each_statement_commits() as conn:
+            return conn.execute(statement).first() is not None
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        """The run with this id, or None."""
+        with self._read() as conn:
+            row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
+        return None if row is None else run_record(row)
+
+    def require_run(self, run_id: str) -> RunRecord:
+        """The run with this id, or :class:`WorkflowNotFoundError`."""
+        run = self.get_run(run_id)
+        if run is None:
+            raise WorkflowNotFoundError(
+                f"no workflow run with id {run_id!r} in the store at {safe_url(self.url)}; "
+                "check the id and that this process uses the same durable_database_url"
+            )
+        return run
+
+    def get_status(self, run_id: str) -> str | None:
+        """Just the status of a run (cheap, for polling)."""
+        with self._read() as conn:
+            return conn.execute(self._hot.status, {"b_run": run_id}).scalar_one_or_none()
+
+    def list_runs(
+        self, status: str | None = None, workflow: str | None = None, limit: int = 50
+    ) -> list[RunRecord]:
+        """Most recent runs first, optionally filtered."""
+        query = select(s.runs).order_by(s.runs.c.created_at.desc()).limit(limit)
+        if status:
+            query = query.where(s.runs.c.status == status)
+        if workflow:
+            query = query.where(s.runs.c.workflow == workflow)
+        with self._read() as conn:
+            return [run_record(r) for r in conn.execute(query)]
+
+    def history(self, run_id: str) -> list[StepRecord]:
+        """Every step of a run, in order."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(s.steps).where(s.steps.c.run_id == run_id).order_by(s.steps.c.seq)
+            )
+            return [step_record(r) for r in rows]

@@ -1,0 +1,159 @@
+"""The statements of the hot path, built once per store.
+
+Building an SQLAlchemy statement and its cache key costs about as much client time as
+executing it; these run several times per step, so they take their values as bound
+parameters (``b_*``) instead of being built per call. Each statement that two operations
+share is defined here once.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    ColumnElement,
+    Float,
+    Integer,
+    String,
+    Update,
+    and_,
+    bindparam,
+    or_,
+    select,
+    true,
+    update,
+)
+
+from . import _schema as s
+from ._records import ACTIVE, CLAIMED, DELIVERED, DONE, SCHEDULED
+
+__all__ = ["HotStatements", "wake_flag_update"]
+
+
+def wake_flag_update(no_disk_wait: ColumnElement[bool]) -> Update:
+    """Set a run's wake flag unless it is set already; returns the run's routing.
+
+    A row comes back only when this statement set the flag: that caller, and no other,
+    sends the wake message.
+    """
+    runs = s.runs.c
+    return (
+        update(s.runs)
+        .where(
+            and_(
+                runs.id == bindparam("b_run", type_=String()),
+                runs.wake_pending.is_(False),
+                runs.status.in_(ACTIVE),
+                no_disk_wait,
+            )
+        )
+        .values(wake_pending=True, wake_sent_at=bindparam("b_at", type_=Float()))
+        .returning(runs.workflow, runs.options)
+    )
+
+
+class HotStatements:
+    """The statements run for every step or turn.
+
+    Args:
+        no_disk_wait: a condition that is always true and, on PostgreSQL, lets its
+            statement commit without waiting for the disk (see ``Store._no_disk_wait``).
+    """
+
+    def __init__(self, no_disk_wait: ColumnElement[bool]) -> None:
+        steps, runs = s.steps.c, s.runs.c
+        run_id = bindparam("b_run", type_=String())
+        seq = bindparam("b_seq", type_=Integer())
+        at = bindparam("b_at", type_=Float())
+        retries = bindparam("b_retries", type_=Integer())
+        # Losing a claim in a database crash costs at worst one duplicate run of the
+        # step, so it need not wait for the disk. It runs in the worker's consumer loop
+        # for every step message: one statement, one round trip.
+        self.claim = (
+            update(s.steps)
+            .where(
+                and_(
+                    steps.run_id == run_id,
+                    steps.seq == seq,
+                    steps.dispatch_id == bindparam("b_dispatch"),
+                    or_(
+                        steps.state == SCHEDULED,
+                        and_(steps.state == CLAIMED, steps.claimed_retries < retries),
+                    ),
+                    no_disk_wait,
+                )
+            )
+            .values(
+                state=CLAIMED,
+                claimed_by=bindparam("b_worker"),
+                claimed_at=at,
+                claimed_retries=retries,
+                attempts=steps.attempts + 1,
+            )
+        )
+        open_step = and_(
+            steps.run_id == run_id, steps.seq == seq, steps.state.in_((SCHEDULED, CLAIMED))
+        )
+        self.record_ok = (
+            update(s.steps)
+            .where(open_step)
+            .values(
+                state=DONE,
+                completed_at=at,
+                outcome="ok",
+                content_type=bindparam("b_type"),
+                result=bindparam("b_result"),
+            )
+        )
+        self.record_error = (
+            update(s.steps)
+            .where(open_step)
+            .values(state=DONE, completed_at=at, outcome="error", error=bindparam("b_error"))
+        )
+        # Lost in a database crash, a set flag only delays the sweeper's wake. Inside a
+        # transaction that must be durable (a signal, a timer) the flag waits for the disk.
+        self.flag_wake_fast = wake_flag_update(no_disk_wait)
+        self.flag_wake = wake_flag_update(true())
+        # A clear lost in a database crash leaves the flag set with no wake in flight;
+        # the sweeper wakes such a run.
+        self.take_wake = (
+            update(s.runs)
+            .where(and_(runs.id == run_id, no_disk_wait))
+            .values(wake_pending=False)
+            .returning(*s.runs.c)
+        )
+        self.outcomes = (
+            select(s.steps)
+            .where(and_(steps.run_id == run_id, steps.state == DONE))
+            .order_by(steps.seq)
+        )
+        self.status = select(runs.status).where(runs.id == run_id)
+        # The fenced update of every turn; a turn that changes more than turn and status
+        # adds its values with ``.values(...)``.
+        self.advance = (
+            update(s.runs)
+            .where(
+                and_(
+                    runs.id == run_id,
+                    runs.turn == bindparam("b_turn", type_=Integer()),
+                    runs.status.in_(ACTIVE),
+                )
+            )
+            .values(
+                turn=bindparam("b_next", type_=Integer()),
+                status=bindparam("b_status", type_=String()),
+                updated_at=at,
+            )
+            .returning(runs.workflow, runs.parent_id, runs.parent_seq, runs.progress, runs.seq_base)
+        )
+        self.deliver = (
+            update(s.steps)
+            .where(
+                and_(
+                    steps.run_id == run_id,
+                    steps.seq.in_(bindparam("b_seqs", expanding=True)),
+                    steps.state == DONE,
+                )
+            )
+            .values(
+                state=DELIVERED, observed_turn=bindparam("b_next", type_=Integer()), observed_at=at
+            )
+        )

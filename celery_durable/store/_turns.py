@@ -1,0 +1,266 @@
+"""Driver turns: take a run's wake and its new outcomes, then commit what the turn decided.
+
+A turn's commit is fenced: it lands only if the run is still at the turn the driver
+started from, so of two drivers racing on one run exactly one writes history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, and_, case, delete, func, insert, select, update
+from sqlalchemy.exc import DataError, IntegrityError
+
+from ..errors import HistoryWriteError
+from . import _schema as s
+from ._base import RunWake, StoreBase, step_is
+from ._records import (
+    DONE,
+    FINISHED,
+    OPEN_STEP_STATES,
+    PENDING,
+    SCHEDULED,
+    STEP_CANCELLED,
+    SUCCESS,
+    CancelledStep,
+    TurnCommitted,
+    TurnStart,
+    TurnWrite,
+    run_record,
+    run_row,
+    step_record,
+    step_row,
+)
+
+__all__ = ["TurnWrites"]
+
+
+class TurnWrites(StoreBase):
+    """The reads that begin a turn and the one transaction that commits it."""
+
+    def begin_turn(self, run_id: str) -> TurnStart | None:
+        """Take the run's pending wake and read the outcomes not yet delivered."""
+        # The flag is cleared (and committed) before the outcomes are read, and
+        # record_outcome commits an outcome before it looks at the flag: so either this
+        # read sees the outcome, or the flag was already clear and the recorder sends a
+        # new wake. Nothing here needs to commit together.
+        with self._each_statement_commits() as conn:
+            row = conn.execute(self._hot.take_wake, {"b_run": run_id}).first()
+            if row is None:
+                return None
+            outcomes = conn.execute(self._hot.outcomes, {"b_run": run_id})
+            return TurnStart(run_record(row), [step_record(r) for r in outcomes])
+
+    def commit_turn(self, run_id: str, write: TurnWrite) -> TurnCommitted | None:
+        """Record a driver turn (see :meth:`_commit_turn`).
+
+        Raises:
+            HistoryWriteError: the database refused the turn's data (a constraint or a
+                value it cannot store), which a retry would not change.
+        """
+        try:
+            return self._commit_turn(run_id, write)
+        except (IntegrityError, DataError) as exc:
+            raise HistoryWriteError(
+                f"workflow run {run_id}: the store refused turn {write.turn + 1}: "
+                f"{exc.orig}. Fix the workflow (or the value it produced) and retry the run."
+            ) from exc
+
+    def _commit_turn(self, run_id: str, write: TurnWrite) -> TurnCommitted | None:
+        """Record turn ``write.turn + 1`` if the run is still at ``write.turn``.
+
+        Returns None when another turn moved the run first (nothing is written). In one
+        transaction: delivered steps are marked, new steps inserted (signal waits matched
+        with buffered signals), cancelled steps closed, child runs created, the run's
+        status, progress and result set, and a finished child's outcome recorded on its
+        parent's step.
+        """
+        turn, at = write.turn, write.at
+        # Turn, status and time are bound parameters of the prebuilt fenced update; only
+        # a turn that changes more adds values to it.
+        extra: dict[str, Any] = {}
+        if turn == 0:
+            extra["started_at"] = at
+        if write.status in FINISHED:
+            extra["finished_at"] = at
+        if write.result is not None:
+            extra["content_type"], extra["result"] = write.result
+        if write.error is not None:
+            extra["error"] = write.error
+        if write.cancel_delivered:
+            extra["cancel_turn"] = turn + 1
+            extra["cancel_at"] = at
+        key = {"b_run": run_id, "b_turn": turn, "b_next": turn + 1, "b_at": at}
+        advance = self._hot.advance.values(**extra) if extra else self._hot.advance
+        with self._transaction() as conn:
+            advance_result = conn.execute(advance, {**key, "b_status": write.status})
+            row = advance_result.first()
+            if row is None:
+                conn.rollback()
+                return None
+            if write.progress:
+                progress = {**(row.progress or {}), **write.progress}
+                conn.execute(update(s.runs).where(s.runs.c.id == run_id).values(progress=progress))
+            if write.delivered:
+                conn.execute(self._hot.deliver, {**key, "b_seqs": list(write.delivered)})
+            if write.new_steps:
+                conn.execute(
+                    insert(s.steps), [step_row(run_id, turn + 1, at, n) for n in write.new_steps]
+                )
+            for child in write.children:
+                conn.execute(insert(s.runs).values(**run_row(child, at)))
+            cancelled = self._cancel_steps(conn, run_id, write.cancelled, at)
+            # Matching reads every step of the run, so only a turn that adds a wait, or
+            # gives a cancelled wait's signal back, does it: a signal that finds its wait
+            # already there is matched by send_signal.
+            signals_matched = False
+            if any(n.kind == "signal" for n in write.new_steps) or any(
+                c.kind == "signal" for c in cancelled
+            ):
+                signals_matched = self._match_signals(conn, run_id, at)
+            parent = None
+            if write.status in FINISHED and row.parent_id is not None:
+                parent = self._complete_parent_step(conn, row.parent_id, row.parent_seq, write, at)
+            if write.restart is not None:
+                self._restart(conn, run_id, write.restart, at)
+        return TurnCommitted(signals_matched=signals_matched, cancelled=cancelled, parent=parent)
+
+    def _cancel_steps(
+        self, conn: Connection, run_id: str, seqs: Sequence[int], at: float
+    ) -> list[CancelledStep]:
+        if not seqs:
+            return []
+        rows = conn.execute(
+            update(s.steps)
+            .where(
+                and_(
+                    s.steps.c.run_id == run_id,
+                    s.steps.c.seq.in_(list(seqs)),
+                    s.steps.c.state.in_(OPEN_STEP_STATES),
+                )
+            )
+            .values(state=STEP_CANCELLED, completed_at=at)
+            .returning(s.steps.c.seq, s.steps.c.kind, s.steps.c.dispatch_id, s.steps.c.child_id)
+        ).all()
+        # A signal a cancelled wait had already taken goes back to the buffer for the next.
+        signal_seqs = [r.seq for r in rows if r.kind == "signal"]
+        if signal_seqs:
+            conn.execute(
+                update(s.signals)
+                .where(
+                    and_(s.signals.c.run_id == run_id, s.signals.c.consumed_seq.in_(signal_seqs))
+                )
+                .values(consumed_seq=None)
+            )
+        return [CancelledStep(r.seq, r.kind, r.dispatch_id, r.child_id) for r in rows]
+
+    def _match_signals(self, conn: Connection, run_id: str, at: float) -> bool:
+        """Give buffered signals to waiting steps of the same name, oldest to oldest."""
+        waits = conn.execute(
+            select(s.steps.c.seq, s.steps.c.name)
+            .where(
+                and_(
+                    s.steps.c.run_id == run_id,
+                    s.steps.c.kind == "signal",
+                    s.steps.c.state == SCHEDULED,
+                )
+            )
+            .order_by(s.steps.c.seq)
+        ).all()
+        if not waits:
+            return False
+        buffered = conn.execute(
+            select(s.signals)
+            .where(
+                and_(
+                    s.signals.c.run_id == run_id,
+                    s.signals.c.consumed_seq.is_(None),
+                    s.signals.c.name.in_({w.name for w in waits}),
+                )
+            )
+            .order_by(s.signals.c.id)
+        ).all()
+        matched = False
+        queues: dict[str, list[Any]] = {}
+        for signal in buffered:
+            queues.setdefault(signal.name, []).append(signal)
+        for wait in waits:
+            queue = queues.get(wait.name)
+            if not queue:
+                continue
+            signal = queue.pop(0)
+            conn.execute(
+                update(s.signals).where(s.signals.c.id == signal.id).values(consumed_seq=wait.seq)
+            )
+            self._give_signal(conn, run_id, wait.seq, signal.content_type, signal.payload, at)
+            matched = True
+        return matched
+
+    @staticmethod
+    def _give_signal(
+        conn: Connection, run_id: str, seq: int, content_type: str, payload: bytes, at: float
+    ) -> None:
+        """Complete signal-wait step ``seq`` with a signal's payload as its outcome."""
+        conn.execute(
+            update(s.steps)
+            .where(step_is(run_id, seq))
+            .values(
+                state=DONE,
+                outcome="ok",
+                content_type=content_type,
+                result=payload,
+                completed_at=at,
+            )
+        )
+
+    def _complete_parent_step(
+        self, conn: Connection, parent_id: str, parent_seq: int | None, write: TurnWrite, at: float
+    ) -> RunWake | None:
+        values: dict[str, Any] = {"state": DONE, "completed_at": at}
+        if write.status == SUCCESS and write.result is not None:
+            values.update(outcome="ok", content_type=write.result[0], result=write.result[1])
+        else:
+            values.update(outcome="error", error=write.error or {})
+        moved = conn.execute(
+            update(s.steps).where(step_is(parent_id, parent_seq, SCHEDULED)).values(**values)
+        ).rowcount
+        if not moved:
+            return None
+        return self._flag_wake(conn, parent_id, at)
+
+    def _restart(
+        self, conn: Connection, run_id: str, new_input: tuple[str, bytes], at: float
+    ) -> None:
+        top = conn.execute(
+            select(func.max(s.steps.c.seq)).where(s.steps.c.run_id == run_id)
+        ).scalar_one_or_none()
+        base = conn.execute(select(s.runs.c.seq_base).where(s.runs.c.id == run_id)).scalar_one()
+        conn.execute(delete(s.steps).where(s.steps.c.run_id == run_id))
+        conn.execute(
+            update(s.runs)
+            .where(s.runs.c.id == run_id)
+            .values(
+                status=PENDING,
+                turn=0,
+                content_type=new_input[0],
+                input=new_input[1],
+                # Steps of the new incarnation get numbers no message of the old one can
+                # carry, so a late outcome of an old step never lands on a new one.
+                seq_base=max(top or 0, base or 0),
+                incarnation=func.coalesce(s.runs.c.incarnation, 0) + 1,
+                started_at=None,
+                finished_at=None,
+                result=None,
+                error=None,
+                cancel_turn=None,
+                cancel_at=None,
+                # A cancel requested while this turn ran has not been delivered to any
+                # code yet: the new run gets it (one already delivered stays with the old).
+                cancel_requested=case(
+                    (s.runs.c.cancel_turn.is_(None), s.runs.c.cancel_requested), else_=None
+                ),
+                wake_pending=True,
+                wake_sent_at=at,
+            )
+        )

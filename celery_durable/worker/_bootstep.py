@@ -1,0 +1,63 @@
+"""The worker bootstep: registers the worker in the store and runs its sweeper."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import bootsteps
+
+from .._config import settings_for, store_for
+from . import _identity
+from ._sweeper import Sweeper
+
+__all__ = ["DurableWorkerStep", "on_worker_init", "on_worker_shutdown"]
+
+logger = logging.getLogger(__name__)
+
+
+class DurableWorkerStep(bootsteps.StartStopStep):
+    """Starts this worker's sweeper and registers the worker in the store."""
+
+    label = "celery_durable"
+    # The sweeper thread must not run while the prefork pool forks its children: a child
+    # forked while that thread holds a lock (an import, the store's, SQLite's) inherits it
+    # held forever. Started after the pool, later forks (replacing a dead child) find the
+    # store already built and the thread mostly idle.
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        self.sweeper: Sweeper | None = None
+
+    def start(self, worker: Any) -> None:
+        identity = _identity.adopt(worker.hostname)
+        settings_for(worker.app)  # fail at start, with the fix, on a bad setting
+        try:
+            store_for(worker.app).ensure_schema()  # here, not first in the sweeper thread
+        except Exception:
+            logger.exception("celery_durable: the store is not reachable yet; will retry")
+        self.sweeper = Sweeper(worker.app, identity, worker.hostname)
+        self.sweeper.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.sweeper is not None:
+            self.sweeper.stop()
+
+    def shutdown(self, worker: Any) -> None:
+        self.stop(worker)
+
+
+def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
+    """Record a clean shutdown of this worker in the store."""
+    if not _identity.registered() or sender is None:
+        return
+    try:
+        store_for(sender.app).worker_stopped(_identity.worker_id())
+    except Exception:
+        logger.exception("could not record this worker's shutdown")
+
+
+def on_worker_init(sender: Any = None, **_: Any) -> None:
+    """Add the bootstep (``worker_init`` comes before the worker builds its blueprint)."""
+    if sender is not None:
+        sender.app.steps["worker"].add(DurableWorkerStep)
