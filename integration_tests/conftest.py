@@ -63,7 +63,7 @@ def own_redis() -> Iterator[OwnRedis]:
 
 @pytest.fixture
 def own_rabbitmq() -> Iterator[OwnRabbitMQ]:
-    """A private RabbitMQ node (about 7 s to boot), removed after the test."""
+    """A private RabbitMQ node (5-11 s to boot), removed after the test."""
     _require(OwnRabbitMQ.unavailable(), "a private RabbitMQ node")
     with OwnRabbitMQ() as server:
         yield server

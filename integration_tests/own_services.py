@@ -24,10 +24,12 @@ Without them a test using the fixture skips, or fails when ``CI=true``.
 
 Why it is done this way:
 
-* PostgreSQL: ``initdb`` runs once per test session into a template directory with
+* PostgreSQL: ``initdb`` runs once per test process into a template directory with
   ``--no-sync``, ``fsync = off`` and small buffers; each cluster is a copy of it that
   ``pg_createcluster`` registers (so ``pg_lsclusters`` shows it and ``pg_dropcluster``
-  removes it). That takes about 0.7 s instead of 1.3-1.8 s for a fresh ``initdb``.
+  removes it). Copying and registering takes about 0.7 s, against 1.3-1.8 s for
+  ``pg_createcluster`` running ``initdb`` itself; with the start and the ``CREATE
+  DATABASE`` a new cluster is ready in 1.2-1.6 s.
   ``fsync = off`` loses data only if the machine itself crashes; a server crash
   (``stop("immediate")``) still recovers every commit from the WAL as in production
   (``synchronous_commit`` is left on for that reason). The server is
@@ -43,11 +45,13 @@ Why it is done this way:
   and ``rabbitmq.conf`` are not read (they name the shared node and port 5672). The
   server script under ``/usr/lib/rabbitmq/bin`` is run directly: the ``/usr/sbin``
   wrapper switches to the ``rabbitmq`` user, which could not write our directories.
-  Booting takes about 6-7 s, so use it only where the broker must go away.
+  Booting takes 5-11 s (on a 2-CPU machine), so use it only where the broker must go
+  away; the shared broker serves every other test.
 
 Every process started here carries ``DURABLE_IT_OWNER=<pid of the test process>`` in its
-environment; the first instance a test process creates kills processes, drops clusters
-and removes directories left by test processes that died without cleaning up.
+environment and runs in a directory named after that pid; the first instance a test
+process creates kills the processes, drops the clusters and removes the directories of
+test processes that died (SIGKILL, a lost CI runner) without cleaning up.
 """
 
 from __future__ import annotations

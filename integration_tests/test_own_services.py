@@ -154,7 +154,10 @@ def _queue_depth(server: OwnRabbitMQ, queue: str) -> int:
     conn = amqp.Connection(f"127.0.0.1:{server.port}", connect_timeout=5)
     conn.connect()
     try:
-        return int(conn.channel().queue_declare(queue, passive=True).message_count)
+        declared = conn.channel().queue_declare(queue, passive=True)
+        assert declared is not None
+        _queue, message_count, _consumers = declared
+        return int(message_count)
     finally:
         conn.close()
 
