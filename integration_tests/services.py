@@ -35,11 +35,15 @@ POSTGRES_URL = os.environ.get(
 _reachable: dict[str, str | None] = {}
 
 
-def _unavailable(service: str, reason: str) -> NoReturn:
-    message = f"{service} is not reachable ({reason}); start it or set its DURABLE_IT_* URL"
+def skip_or_fail(message: str) -> NoReturn:
+    """Skip the current test for ``message``, or fail it when ``CI=true``."""
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI=true and {message}", pytrace=False)
     pytest.skip(message)
+
+
+def _unavailable(service: str, reason: str) -> NoReturn:
+    skip_or_fail(f"{service} is not reachable ({reason}); start it or set its DURABLE_IT_* URL")
 
 
 def _check(service: str) -> str | None:
