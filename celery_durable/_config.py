@@ -8,6 +8,8 @@
 | ``durable_timer_interval`` | ``0.5`` s | how often each worker fires due durable timers |
 | ``durable_worker_timeout`` | ``30`` s | silence after which a worker counts as dead |
 | ``durable_cache_size`` | ``1000`` | suspended runs kept in memory per process (0: always replay) |
+| ``durable_max_redeliveries`` | ``3`` | times a step lost with its worker is sent again |
+| ``durable_redelivery_backoff`` | ``1`` s | wait before the first re-send after a loss (doubling) |
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from ._codec import Codec
-from .store import Store
+from .store import LossPolicy, Store
 
 __all__ = ["DEFAULT_DATABASE_URL", "Settings", "settings_for", "store_for"]
 
@@ -41,13 +43,20 @@ class Settings:
     worker_timeout: float
     cache_size: int
     serializer: str
+    max_redeliveries: int = 3
+    redelivery_backoff: float = 1.0
 
     @property
     def codec(self) -> Codec:
         return Codec(self.serializer)
 
+    @property
+    def loss_policy(self) -> LossPolicy:
+        """How steps lost with their worker are sent again."""
+        return LossPolicy(max_losses=self.max_redeliveries, backoff=self.redelivery_backoff)
 
-def _number(app: Celery, key: str, default: float, minimum: float) -> float:
+
+def _number(app: Celery, key: str, default: float, minimum: float, unit: str = "seconds") -> float:
     value: Any = app.conf.get(key, default)
     try:
         number = float(value)
@@ -55,7 +64,7 @@ def _number(app: Celery, key: str, default: float, minimum: float) -> float:
         number = float("nan")
     if not number >= minimum:  # also rejects NaN
         raise ImproperlyConfigured(
-            f"app.conf.{key} must be a number >= {minimum:g} (seconds), got {value!r}; "
+            f"app.conf.{key} must be a number >= {minimum:g} ({unit}), got {value!r}; "
             f"leave it unset for the default of {default:g}"
         )
     return number
@@ -91,8 +100,10 @@ def settings_for(app: Celery) -> Settings:
         stall_timeout=_number(app, "durable_stall_timeout", 30.0, 0.05),
         timer_interval=_number(app, "durable_timer_interval", 0.5, 0.01),
         worker_timeout=_number(app, "durable_worker_timeout", 30.0, 0.05),
-        cache_size=int(_number(app, "durable_cache_size", 1000, 0)),
+        cache_size=int(_number(app, "durable_cache_size", 1000, 0, "runs")),
         serializer=str(app.conf.task_serializer or "json"),
+        max_redeliveries=int(_number(app, "durable_max_redeliveries", 3, 0, "times")),
+        redelivery_backoff=_number(app, "durable_redelivery_backoff", 1.0, 0),
     )
 
 

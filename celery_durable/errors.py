@@ -15,6 +15,7 @@ __all__ = [
     "NonDeterminismError",
     "NotInWorkflowError",
     "SignalError",
+    "StepLostError",
     "StoreUnavailableError",
     "UnknownWorkflowError",
     "WorkflowAwaitError",
@@ -114,4 +115,13 @@ class HistoryWriteError(DurableError):
     """The store refused to record a turn (a constraint or a value it cannot hold).
 
     Retrying the same turn would fail the same way, so the run is parked as ``STUCK``.
+    """
+
+
+class StepLostError(DurableError):
+    """A step's worker was lost more times than ``durable_max_redeliveries`` allows.
+
+    Raised at the step's ``await``: the task probably kills the process running it (an
+    ``os._exit``, a segfault, the OOM killer). The workflow may catch it; otherwise the
+    run fails with its history kept, and ``retry()`` runs the step again.
     """

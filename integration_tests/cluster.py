@@ -94,11 +94,13 @@ class Cluster:
         concurrency: int = 3,
         queues: list[str] | None = None,
         start: bool = True,
+        env: dict[str, str] | None = None,
     ) -> WorkerProcess:
-        """A worker node on this test's queue (started unless ``start=False``)."""
+        """A worker node on this test's queue (started unless ``start=False``); ``env``
+        adds settings (see ``wfapp``) for this worker only."""
         worker = WorkerProcess(
             f"{name}-{self.queue}@localhost",
-            self.env,
+            {**self.env, **(env or {})},
             self.log_dir,
             pool=self.setup.pool,
             concurrency=concurrency,

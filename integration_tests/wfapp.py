@@ -8,6 +8,11 @@ Configured from environment variables (set by the tests' worker fixture):
 | ``DURABLE_IT_STORE`` | ``durable_database_url`` |
 | ``DURABLE_IT_QUEUE`` | the queue every message of the test goes to |
 | ``DURABLE_IT_DIR`` | directory of the side-effect log and the pause/marker files |
+| ``DURABLE_IT_ACKS_LATE`` | ``1``: ``task_acks_late`` |
+| ``DURABLE_IT_REJECT_ON_WORKER_LOST`` | ``1``: ``task_reject_on_worker_lost`` |
+| ``DURABLE_IT_PREFETCH`` | ``worker_prefetch_multiplier`` (default 4, Celery's) |
+| ``DURABLE_IT_WORKER_TIMEOUT`` | ``durable_worker_timeout`` (default 120 s) |
+| ``DURABLE_IT_REDELIVERY_BACKOFF`` | ``durable_redelivery_backoff`` (default 0.2 s) |
 
 Durability tests need two things from the code that runs in the worker:
 
@@ -34,12 +39,13 @@ from celery import Celery, shared_task
 
 import celery_durable.driver._driver as _driver
 import celery_durable.worker._republish as _republish
-from celery_durable import durable_workflow, workflow
+from celery_durable import StepLostError, durable_workflow, workflow
 
 #: How long a pause lasts at most, so that a test whose kill went wrong ends anyway.
 PAUSE_LIMIT = 150.0
 
 EFFECTS_FILE = "effects.log"
+POISON_FILE = "poison"
 PAUSE_PUBLISH_FILE = "pause-publish"
 
 
@@ -56,11 +62,14 @@ def configure(app: Celery, env: Mapping[str, str]) -> Celery:
         # run twice without any kill and the exact side-effect counts would not hold.
         durable_sweep_interval=0.5,
         durable_stall_timeout=2.0,
-        durable_worker_timeout=120.0,
+        durable_worker_timeout=float(env.get("DURABLE_IT_WORKER_TIMEOUT", 120.0)),
+        durable_redelivery_backoff=float(env.get("DURABLE_IT_REDELIVERY_BACKOFF", 0.2)),
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=True,
         worker_redirect_stdouts=False,
-        task_acks_late=False,
+        task_acks_late=env.get("DURABLE_IT_ACKS_LATE") == "1",
+        task_reject_on_worker_lost=env.get("DURABLE_IT_REJECT_ON_WORKER_LOST") == "1",
+        worker_prefetch_multiplier=int(env.get("DURABLE_IT_PREFETCH", 4)),
         worker_enable_remote_control=False,
     )
     return app
@@ -144,6 +153,26 @@ def record(self: Any, i: int, carry: int = 0, hold: bool = False) -> int:
     return carry + step_value(i)
 
 
+@shared_task(bind=True)
+def slow_record(self: Any, i: int, seconds: float) -> int:
+    """Log one side effect for step ``i``, then take ``seconds`` (a long step)."""
+    run_id = self.request.get("durable_run") or "no-run"
+    _append_effect(f"{run_id}\t{i}\t{os.getpid()}\n")
+    time.sleep(seconds)
+    return step_value(i)
+
+
+@shared_task(bind=True)
+def crash(self: Any, i: int) -> int:
+    """Log one side effect for step ``i``, then kill the process running it (a poison
+    step: a segfault, ``os._exit``, the OOM killer) while the file ``poison`` exists."""
+    run_id = self.request.get("durable_run") or "no-run"
+    _append_effect(f"{run_id}\t{i}\t{os.getpid()}\n")
+    if (_dir() / POISON_FILE).exists():
+        os._exit(137)
+    return step_value(i)
+
+
 @shared_task
 def decline(order_id: str) -> None:
     """Always fails with :class:`PaymentDeclinedError`."""
@@ -189,6 +218,31 @@ async def fan_out(
     if pause_after_gather:
         pause_once(workflow.info().workflow_id, "turn-after-gather")
     return await record.s(n, sum(values), hold=(n in held)).set(**options)
+
+
+@durable_workflow
+async def slow_steps(n: int, seconds: float) -> int:
+    """``n`` activities one after another, each taking ``seconds``."""
+    total = 0
+    for i in range(n):
+        total += await slow_record.s(i, seconds)
+    return total
+
+
+@durable_workflow
+async def poisoned(catch: bool) -> str:
+    """One good step, then a step that kills its process (see :func:`crash`), then one
+    more. ``catch``: handle the :class:`StepLostError` and carry on."""
+    await record.s(0)
+    try:
+        await crash.s(1)
+    except StepLostError as exc:
+        if not catch:
+            raise
+        await record.s(2)
+        return f"caught: {exc}"
+    await record.s(2)
+    return "no crash"
 
 
 @durable_workflow

@@ -144,6 +144,25 @@ class WorkerProcess:
                 raise TimeoutError(f"processes of worker {self.nodename} survived SIGKILL")
             time.sleep(0.02)
 
+    def terminate(self, timeout: float = 120.0) -> int:
+        """SIGTERM the main process (a warm shutdown, as a deploy or ``celery multi
+        restart`` sends) and wait for the whole worker to exit; returns its exit code."""
+        assert self._proc is not None and self._proc.poll() is None, "the worker is not running"
+        pgid = self._proc.pid
+        self._proc.send_signal(signal.SIGTERM)
+        code = self._proc.wait(timeout=timeout)
+        deadline = time.monotonic() + 30
+        while _group_alive(pgid):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"processes of worker {self.nodename} outlived its exit")
+            time.sleep(0.02)
+        return code
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker's main process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
     def restart(self) -> WorkerProcess:
         """Start the worker again under the same node name."""
         return self.start()

@@ -126,10 +126,10 @@ def test_nightly_poller_continues_as_new_with_a_bounded_history(tmp_path: Path) 
 
 
 @pytest.mark.integration
-def test_shop_example_on_redis_and_postgresql(tmp_path: Path) -> None:
+def test_shop_example_on_redis_and_postgresql(tmp_path: Path, postgres_url: str) -> None:
     _service(6379, "Redis")
-    _service(5432, "PostgreSQL")
-    env = {"SHOP_BROKER": "redis://127.0.0.1:6379/14"}
+    # A schema of its own, so that no other run's store (of another version) is in the way.
+    env = {"SHOP_BROKER": "redis://127.0.0.1:6379/14", "SHOP_DB": postgres_url}
     command = [sys.executable, "-m", "celery", "-A", "examples.shop", "worker"]
     command += ["-P", "threads", "-c", "4", "-l", "WARNING", "-n", f"shop-{os.getpid()}@%h"]
     with (tmp_path / "worker.log").open("w") as log:

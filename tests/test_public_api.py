@@ -23,6 +23,7 @@ EXPORTS = [
     "RetryPolicy",
     "SignalError",
     "StepInfo",
+    "StepLostError",
     "StoreUnavailableError",
     "UnknownWorkflowError",
     "WorkflowAwaitError",

@@ -22,6 +22,7 @@ from celery_durable.store import (
     SCHEDULED,
     STUCK,
     SUCCESS,
+    LossPolicy,
     NewRun,
     NewStep,
     Store,
@@ -371,10 +372,12 @@ def test_outcomes_of_an_inactive_run_are_recorded_without_a_wake(store: Store) -
     assert states(store) == {1: DONE, 2: SCHEDULED}
 
 
-# -- dead workers -------------------------------------------------------------------------
+# -- leases and lost workers -------------------------------------------------------------
+
+POLICY = LossPolicy(max_losses=2, backoff=1.0)
 
 
-def test_release_dead_claims_gives_steps_of_silent_workers_a_new_dispatch(
+def test_a_claim_nobody_renews_expires_and_is_sent_again_after_its_backoff(
     store: Store, clock: Clock
 ) -> None:
     start(store, "charge", "reserve")
@@ -384,31 +387,54 @@ def test_release_dead_claims_gives_steps_of_silent_workers_a_new_dispatch(
     assert store.claim_step("run-1", 2, "dispatch-2", "worker-b", 0)
 
     clock.advance(20)
-    store.heartbeat("worker-b", "host-b", 200)  # b is alive, a went silent
-    assert store.release_dead_claims(dead_after=30) == []
+    # b still holds its message; a lost its message (or died): only b renews.
+    assert store.renew_leases("worker-b", {"dispatch-2"}) == 1
+    assert store.renew_leases("worker-a", set()) == 0
+    assert store.release_expired_claims(30, POLICY) == []
     clock.advance(15)
-    store.heartbeat("worker-b", "host-b", 200)
+    assert store.renew_leases("worker-b", {"dispatch-2"}) == 1
 
-    [released] = store.release_dead_claims(dead_after=30)
-
-    assert (released.run_id, released.seq, released.name) == ("run-1", 1, "charge")
-    assert released.dispatch_id != "dispatch-1"
-    assert (released.workflow, released.driver_options) == ("shop.checkout", {"queue": "wf"})
+    assert store.release_expired_claims(30, POLICY) == []  # no step failed
     assert states(store) == {1: SCHEDULED, 2: CLAIMED}
-    # The dead worker's message, if it ever comes back, may not run; the new one may.
+    [step] = [r for r in store.history("run-1") if r.seq == 1]
+    assert (step.losses, step.due_at) == (1, clock.now + 1.0)  # the first backoff
+    assert step.dispatch_id != "dispatch-1"
+    assert store.take_due_steps() == []  # backing off
+    assert store.stale_dispatches(older_than=0) == []  # not lost: not sent yet
+    clock.advance(1.0)
+    [due] = store.take_due_steps()
+    assert (due.run_id, due.seq, due.name, due.dispatch_id) == (
+        "run-1",
+        1,
+        "charge",
+        step.dispatch_id,
+    )
+    assert (due.workflow, due.driver_options) == ("shop.checkout", {"queue": "wf"})
+    assert store.take_due_steps() == []  # taken once
+    # The lost worker's message, if it ever comes back, may not run; the new one may.
     assert not store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
-    assert store.claim_step("run-1", 1, released.dispatch_id, "worker-b", 0)
-    assert store.release_dead_claims(dead_after=30) == []
+    assert store.claim_step("run-1", 1, step.dispatch_id, "worker-b", 0)
 
 
-def test_claims_of_a_cleanly_stopped_worker_are_released_at_once(store: Store) -> None:
+def test_expired_leases_are_left_alone_when_the_caller_says_so(store: Store, clock: Clock) -> None:
+    start(store, "charge")
+    assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
+    clock.advance(100)
+    assert store.release_expired_claims(30, POLICY, leases=False) == []
+    assert states(store) == {1: CLAIMED}
+
+
+def test_claims_of_a_cleanly_stopped_worker_are_released_at_once_and_not_counted(
+    store: Store, clock: Clock
+) -> None:
     start(store, "charge")
     store.heartbeat("worker-a", "host-a", 100)
     assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
     store.worker_stopped("worker-a")
-    [released] = store.release_dead_claims(dead_after=3600)
-    assert released.seq == 1
-    assert states(store) == {1: SCHEDULED}
+    assert store.release_expired_claims(3600, POLICY) == []
+    [step] = store.history("run-1")
+    assert (step.state, step.losses, step.due_at) == (SCHEDULED, 0, clock.now)
+    assert [d.seq for d in store.take_due_steps()] == [1]
 
 
 def test_a_restarted_node_name_marks_its_old_instance_dead(store: Store) -> None:
@@ -416,16 +442,81 @@ def test_a_restarted_node_name_marks_its_old_instance_dead(store: Store) -> None
     store.heartbeat("celery@host:1:aaaa", "celery@host", 1)
     assert store.claim_step("run-1", 1, "dispatch-1", "celery@host:1:aaaa", 0)
     store.heartbeat("celery@host:2:bbbb", "celery@host", 2)  # same node name, new process
-    assert [d.seq for d in store.release_dead_claims(dead_after=3600)] == [1]
+    store.release_expired_claims(3600, POLICY)
+    assert states(store) == {1: SCHEDULED}
 
 
-def test_release_step_only_moves_claimed_steps(store: Store) -> None:
+def test_release_step_only_moves_claimed_steps_and_only_of_their_holder(store: Store) -> None:
     start(store, "charge")
-    assert store.release_step("run-1", 1) is None  # still SCHEDULED
+    assert store.release_step("run-1", 1, POLICY) is None  # still SCHEDULED
+    assert states(store) == {1: SCHEDULED}
     assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
-    released = store.release_step("run-1", 1)
-    assert released is not None and released.dispatch_id != "dispatch-1"
-    assert store.release_step("run-1", 1) is None
+    assert store.release_step("run-1", 1, POLICY, holder="worker-b") is None
+    assert states(store) == {1: CLAIMED}
+    assert store.release_step("run-1", 1, POLICY, holder="worker-a") is None
+    assert states(store) == {1: SCHEDULED}
+
+
+def test_a_step_lost_once_too_often_fails_with_step_lost_error(store: Store, clock: Clock) -> None:
+    start(store, "charge")
+    for loss in (1, 2):
+        [step] = store.history("run-1")
+        assert store.claim_step("run-1", 1, step.dispatch_id, "worker-a", 0)
+        assert store.release_step("run-1", 1, POLICY) is None
+        [step] = store.history("run-1")
+        assert step.losses == loss
+        assert step.due_at == clock.now + POLICY.delay(loss)  # 1 s, then 2 s
+    [step] = store.history("run-1")
+    assert store.claim_step("run-1", 1, step.dispatch_id, "worker-a", 0)
+
+    wake = store.release_step("run-1", 1, POLICY)
+
+    assert wake == ("run-1", "shop.checkout", {"queue": "wf"})
+    [step] = store.history("run-1")
+    assert (step.state, step.outcome, step.losses) == (DONE, "error", 3)
+    assert step.error is not None and step.error["type"] == "StepLostError"
+    assert "step 1 (charge) of workflow run run-1" in step.error["message"]
+    assert "lost with its worker 3 times (3 attempts)" in step.error["message"]
+    assert "durable_max_redeliveries" in step.error["message"]
+
+
+def test_a_requeued_message_gives_back_only_its_own_holders_claim(store: Store) -> None:
+    start(store, "charge")
+    assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
+    # Another worker, or another dispatch of the step: not the lost message's claim.
+    assert (
+        store.release_step("run-1", 1, POLICY, holder="worker-b", dispatch_id="dispatch-1") is None
+    )
+    assert store.release_step("run-1", 1, POLICY, holder="worker-a", dispatch_id="other") is None
+    assert states(store) == {1: CLAIMED}
+    assert (
+        store.release_step("run-1", 1, POLICY, holder="worker-a", dispatch_id="dispatch-1") is None
+    )
+    [step] = store.history("run-1")
+    assert (step.state, step.losses) == (SCHEDULED, 1)
+
+
+def test_a_heartbeat_after_a_clean_stop_is_a_live_worker_again(store: Store, clock: Clock) -> None:
+    start(store, "charge")
+    store.heartbeat("worker-a", "host-a", 100)
+    store.worker_stopped("worker-a")
+    store.heartbeat("worker-a", "host-a", 100)
+    assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
+    assert store.release_expired_claims(3600, POLICY) == []
+    assert states(store) == {1: CLAIMED}
+
+
+def test_an_outcome_written_again_after_a_failure_still_flags_its_wake(store: Store) -> None:
+    start(store, "charge")
+    assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
+    # The first try recorded the outcome, then lost its connection before the flag.
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(_schema.steps).values(state=DONE, outcome="ok", content_type=JSON, result=b"1")
+        )
+        conn.execute(update(_schema.runs).values(wake_pending=False))
+    assert store.record_outcome("run-1", 1, result=ok()) == (False, False)
+    assert store.record_outcome("run-1", 1, result=ok(), retrying=True) == (False, True)
 
 
 def test_stale_dispatches_back_off_and_are_taken_by_one_sweeper(store: Store, clock: Clock) -> None:

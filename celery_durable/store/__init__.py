@@ -20,6 +20,7 @@ process.
 
 from __future__ import annotations
 
+from ._base import is_unreachable
 from ._control import RunControl
 from ._engine import safe_url
 from ._records import (
@@ -41,6 +42,7 @@ from ._records import (
     CancelledStep,
     Dispatch,
     ErrorInfo,
+    LossPolicy,
     NewRun,
     NewStep,
     RunRecord,
@@ -71,6 +73,7 @@ __all__ = [
     "CancelledStep",
     "Dispatch",
     "ErrorInfo",
+    "LossPolicy",
     "NewRun",
     "NewStep",
     "RunRecord",
@@ -79,6 +82,7 @@ __all__ = [
     "TurnCommitted",
     "TurnStart",
     "TurnWrite",
+    "is_unreachable",
     "safe_url",
 ]
 

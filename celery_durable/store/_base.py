@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, and_, func, select, true
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from ..errors import StoreUnavailableError
 from . import _migrations
@@ -19,7 +19,7 @@ from ._engine import fork_gate, live_stores, make_engine, safe_url
 from ._records import Dispatch
 from ._statements import HotStatements
 
-__all__ = ["RunWake", "StoreBase", "load_dispatches", "step_is"]
+__all__ = ["RunWake", "StoreBase", "is_unreachable", "load_dispatches", "step_is"]
 
 #: A run to wake: (run id, workflow name, driver routing options).
 RunWake = tuple[str, str, Mapping[str, Any]]
@@ -129,6 +129,13 @@ class StoreBase:
         """Close every pooled connection."""
         self.engine.dispose()
 
+    def _lock_run(self, conn: Connection, run_id: str) -> None:
+        """Lock the run's row for the rest of the transaction (the lock order: the run
+        first, then its steps)."""
+        conn.execute(
+            select(s.runs.c.id).where(s.runs.c.id == run_id).with_for_update(key_share=True)
+        )
+
     def _flag_wake(
         self, conn: Connection, run_id: str, at: float, locked: bool = False
     ) -> RunWake | None:
@@ -143,11 +150,17 @@ class StoreBase:
         # clear the flag and read the steps in between (READ COMMITTED), miss the step,
         # and the flag seen set here would promise a wake that never comes.
         if not locked:
-            conn.execute(
-                select(s.runs.c.id).where(s.runs.c.id == run_id).with_for_update(key_share=True)
-            )
+            self._lock_run(conn, run_id)
         row = conn.execute(self._hot.flag_wake, {"b_run": run_id, "b_at": at}).first()
         return None if row is None else (run_id, row.workflow, row.options or {})
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database could not be reached or the connection broke
+    (worth retrying), rather than that it refused the statement."""
+    if isinstance(exc, (StoreUnavailableError, OperationalError, InterfaceError)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
 def step_is(run_id: str, seq: int | None, *states: str) -> ColumnElement[bool]:

@@ -251,6 +251,9 @@ class RunControl(TurnWrites):
                         completed_at=None,
                         claimed_by=None,
                         claimed_retries=None,
+                        renewed_at=None,
+                        due_at=None,
+                        losses=0,
                         dispatch_id=str(uuid.uuid4()),
                         dispatched_at=at,
                     )

@@ -73,7 +73,7 @@ def _upgrade(conn: Connection) -> None:
     for target in range(version + 1, s.SCHEMA_VERSION + 1):
         existing = {
             table: {c["name"] for c in inspect(conn).get_columns(table)}
-            for table in ("durable_runs", "durable_steps")
+            for table in ("durable_runs", "durable_steps", "durable_workers")
         }
         for table, old, new in s.RENAMED_COLUMNS.get(target, []):
             if old in existing[table] and new not in existing[table]:

@@ -30,6 +30,7 @@ __all__ = [
     "CancelledStep",
     "Dispatch",
     "ErrorInfo",
+    "LossPolicy",
     "NewRun",
     "NewStep",
     "RunRecord",
@@ -185,8 +186,27 @@ class StepRecord:
     observed_at: float | None
     claimed_by: str | None
     child_id: str | None = None
-    #: A timer's deadline (UNIX seconds); None for other kinds of step.
+    #: When the step's next action is due: a timer's deadline, or when a step lost with
+    #: its worker is sent again (UNIX seconds); None when nothing waits.
     due_at: float | None = None
+    #: How many times the step was lost with its worker.
+    losses: int = 0
+
+
+@dataclass(frozen=True)
+class LossPolicy:
+    """What happens to a step whose worker was lost (died, or lost the message).
+
+    It is sent again after ``backoff * 2 ** (losses - 1)`` seconds (at most a minute),
+    up to ``max_losses`` times; the next loss fails the step with ``StepLostError``.
+    """
+
+    max_losses: int = 3
+    backoff: float = 1.0
+
+    def delay(self, losses: int) -> float:
+        """Seconds to wait before sending a step again after its ``losses``-th loss."""
+        return float(min(self.backoff * 2 ** max(losses - 1, 0), 60.0))
 
 
 @dataclass(frozen=True)
@@ -222,6 +242,7 @@ def step_row(run_id: str, turn: int, at: float, step: NewStep) -> dict[str, Any]
         "dispatch_id": step.dispatch_id,
         "dispatched_at": at,
         "due_at": step.due,
+        "losses": 0,
         "redispatches": 0,
         "attempts": 0,
         "content_type": step.content_type,
@@ -306,4 +327,5 @@ def step_record(row: Any) -> StepRecord:
         claimed_by=row.claimed_by,
         child_id=row.child_id,
         due_at=row.due_at,
+        losses=row.losses or 0,
     )

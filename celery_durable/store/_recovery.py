@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from sqlalchemy import and_, insert, or_, select, true, update
+from sqlalchemy import and_, false, func, insert, or_, select, true, update
 
 from . import _clock
 from . import _schema as s
@@ -20,6 +20,7 @@ from ._records import (
     SCHEDULED,
     STUCK,
     Dispatch,
+    LossPolicy,
     RunRecord,
     run_record,
 )
@@ -38,7 +39,7 @@ class Recovery(StepClaims):
             seen = conn.execute(
                 update(s.workers)
                 .where(s.workers.c.id == worker)
-                .values(last_seen=at, stopped_at=None)
+                .values(last_seen=at, stopped_at=None, clean_stop=None)
             ).rowcount
             if not seen:
                 conn.execute(
@@ -61,39 +62,103 @@ class Recovery(StepClaims):
                 )
 
     def worker_stopped(self, worker: str) -> None:
-        """Record a clean shutdown of ``worker``."""
+        """Record a clean shutdown of ``worker`` (its pool has drained)."""
         with self._transaction() as conn:
             conn.execute(
-                update(s.workers).where(s.workers.c.id == worker).values(stopped_at=_clock.now())
+                update(s.workers)
+                .where(s.workers.c.id == worker)
+                .values(stopped_at=_clock.now(), clean_stop=True)
             )
 
-    def release_dead_claims(self, dead_after: float) -> list[Dispatch]:
-        """New dispatches for steps claimed by workers that stopped or went silent."""
+    def release_expired_claims(
+        self,
+        dead_after: float,
+        policy: LossPolicy,
+        limit: int = 1000,
+        leases: bool = True,
+    ) -> list[RunWake]:
+        """Give new dispatches to steps whose claim expired; returns runs to wake (for
+        steps that failed because they were lost once too often).
+
+        A claim expires when its worker stopped, or when nobody renewed it for
+        ``dead_after`` seconds: its worker died, or lost the message (a broker restart
+        took what it had prefetched), or lost the outcome. The steps are sent again by
+        the due poller once their backoff has passed (:meth:`take_due_steps`).
+
+        ``leases=False`` releases only the claims of stopped workers: a caller that has
+        just lost touch with the store knows that nobody could renew a lease meanwhile.
+        """
         cutoff = _clock.now() - dead_after
-        dead = select(s.workers.c.id).where(
-            or_(s.workers.c.stopped_at.is_not(None), s.workers.c.last_seen < cutoff)
+        stopped = select(s.workers.c.id).where(s.workers.c.stopped_at.is_not(None))
+        clean = select(s.workers.c.id).where(s.workers.c.clean_stop.is_(True))
+        expired = (
+            func.coalesce(s.steps.c.renewed_at, s.steps.c.claimed_at) < cutoff
+            if leases
+            else false()
         )
-        # A claim by a worker that never registered (started without the bootstep) has
-        # no heartbeat to go silent; it counts as dead once it is as old as the timeout.
-        unknown = and_(
-            s.steps.c.claimed_by.not_in(select(s.workers.c.id)),
-            s.steps.c.claimed_at < cutoff,
-        )
-        with self._transaction() as conn:
+        holder_stopped = s.steps.c.claimed_by.in_(stopped)
+        with self._read() as conn:
             rows = conn.execute(
-                select(s.steps.c.run_id, s.steps.c.seq).where(
-                    and_(
-                        s.steps.c.state == CLAIMED,
-                        or_(s.steps.c.claimed_by.in_(dead), unknown),
-                    )
+                select(
+                    s.steps.c.run_id,
+                    s.steps.c.seq,
+                    s.steps.c.claimed_by.in_(clean).label("clean"),
                 )
+                .where(s.steps.c.state == CLAIMED, or_(holder_stopped, expired))
+                .order_by(s.steps.c.claimed_at)
+                .limit(limit)
             ).all()
-        released = []
-        for run_id, seq in rows:
-            dispatch = self.release_step(run_id, seq)
-            if dispatch is not None:
-                released.append(dispatch)
-        return released
+        wakes = []
+        for run_id, seq, clean in rows:
+            # A worker that stopped cleanly finished every step it ran: what it still
+            # holds are messages it never started, which are no loss of the step.
+            wake = self.release_step(run_id, seq, policy, lost=not clean)
+            if wake is not None:
+                wakes.append(wake)
+        return wakes
+
+    def take_due_steps(
+        self, limit: int = 1000, workflows: Collection[str] | None = None
+    ) -> list[Dispatch]:
+        """Task steps whose backoff after a lost worker has passed, taken for sending."""
+        at = _clock.now()
+        due = and_(
+            s.steps.c.state == SCHEDULED,
+            s.steps.c.due_at <= at,
+            s.steps.c.kind == "activity",
+        )
+        if workflows is not None:
+            ours = select(s.runs.c.id).where(s.runs.c.workflow.in_(list(workflows)))
+            due = and_(due, s.steps.c.run_id.in_(ours))
+        # Read first: on most polls nothing is due, and a write transaction would queue
+        # behind SQLite's writer lock for nothing.
+        with self._read() as conn:
+            rows = conn.execute(
+                select(s.steps.c.run_id, s.steps.c.seq)
+                .where(due)
+                .order_by(s.steps.c.due_at)
+                .limit(limit)
+            ).all()
+        if not rows:
+            return []
+        with self._transaction() as conn:
+            taken = []
+            for run_id, seq in rows:
+                moved = conn.execute(
+                    update(s.steps)
+                    .where(step_is(run_id, seq, SCHEDULED), s.steps.c.due_at <= at)
+                    .values(due_at=None, dispatched_at=at)
+                ).rowcount
+                if moved:
+                    taken.append((run_id, seq))
+            if not taken:
+                return []
+            wanted = set(taken)
+            return [
+                d
+                for d in load_dispatches(conn, s.steps.c.state == SCHEDULED, taken)
+                if (d.run_id, d.seq) in wanted
+            ]
 
     def stale_dispatches(self, older_than: float, limit: int = 1000) -> list[Dispatch]:
         """Steps published but never claimed for a while, taken for re-publishing.
@@ -111,10 +176,13 @@ class Recovery(StepClaims):
                         s.steps.c.state == SCHEDULED,
                         s.steps.c.dispatched_at < now - older_than,
                         # Timers, signal waits and children wait on purpose; only task
-                        # messages can be lost.
+                        # messages can be lost. A step backing off after a lost worker
+                        # has not been sent yet.
                         s.steps.c.kind == "activity",
+                        s.steps.c.due_at.is_(None),
                     )
                 )
+                .order_by(s.steps.c.dispatched_at)
                 .limit(limit)
             ).all()
             taken = []

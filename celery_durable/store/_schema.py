@@ -49,7 +49,13 @@ ADDED_COLUMNS: dict[int, list[tuple[str, str]]] = {
         ("durable_steps", "child_id"),
     ],
     3: [("durable_runs", "cancel_at")],
-    4: [("durable_runs", "incarnation"), ("durable_steps", "due_at")],
+    4: [
+        ("durable_runs", "incarnation"),
+        ("durable_steps", "due_at"),
+        ("durable_steps", "renewed_at"),
+        ("durable_steps", "losses"),
+        ("durable_workers", "clean_stop"),
+    ],
 }
 
 #: Columns renamed by each version, as (table, old name, new name).
@@ -142,8 +148,14 @@ steps = Table(
     # The run a "child" step started.
     Column("child_id", String(255), nullable=True),
     # -- schema version 4 --
-    # A timer's deadline (UNIX seconds); NULL for every other kind of step.
+    # When the step's next action is due (UNIX seconds): a timer fires, a task step lost
+    # with its worker is sent again after its backoff. NULL: nothing is waiting.
     Column("due_at", Float, nullable=True),
+    # A claim is a lease: its holder renews it while it holds the message; a claim not
+    # renewed for durable_worker_timeout has expired.
+    Column("renewed_at", Float, nullable=True),
+    # How many times the step was lost with the worker running or holding it.
+    Column("losses", Integer, nullable=True),
     # Finds stale messages (state, dispatched_at) and due timers (state, due_at).
     Index("ix_durable_steps_state_dispatched", "state", "dispatched_at"),
     Index("ix_durable_steps_state_due", "state", "due_at"),
@@ -172,5 +184,8 @@ workers = Table(
     Column("started_at", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
     Column("stopped_at", Float, nullable=True),
+    # -- schema version 4 --
+    # True when the worker shut down warm (its pool drained), not replaced after a crash.
+    Column("clean_stop", Boolean, nullable=True),
     Index("ix_durable_workers_hostname", "hostname"),
 )

@@ -85,6 +85,7 @@ class HotStatements:
                 state=CLAIMED,
                 claimed_by=bindparam("b_worker"),
                 claimed_at=at,
+                renewed_at=at,
                 claimed_retries=retries,
                 attempts=steps.attempts + 1,
             )

@@ -1,17 +1,43 @@
-"""The activity side: a worker claims a step's message, then records its outcome."""
+"""The activity side: a worker claims a step's message, renews its claim while it holds
+the message, records the outcome, or gives the step back when the worker lost it.
+
+A claim is a lease. The worker holding a step's message renews it on every heartbeat
+(:meth:`StepClaims.renew_leases`); a claim nobody renews expires and the sweeper gives
+the step a new dispatch (see ``_recovery``). A step lost with its worker is sent again
+after a backoff, a bounded number of times (:class:`~._records.LossPolicy`).
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 
-from sqlalchemy import update
+from sqlalchemy import Connection, and_, func, select, update
 
+from ..errors import StepLostError
 from . import _clock
 from . import _schema as s
-from ._base import StoreBase, load_dispatches, step_is
-from ._records import CLAIMED, SCHEDULED, Dispatch, ErrorInfo
+from ._base import RunWake, StoreBase, step_is
+from ._records import CLAIMED, DONE, SCHEDULED, ErrorInfo, LossPolicy
 
-__all__ = ["StepClaims"]
+__all__ = ["StepClaims", "lost_error"]
+
+
+def lost_error(run_id: str, seq: int, name: str, losses: int, attempts: int) -> ErrorInfo:
+    """The :class:`StepLostError` a step gets when its worker was lost too often."""
+    message = (
+        f"step {seq} ({name}) of workflow run {run_id} was lost with its worker {losses} "
+        f"times ({attempts} attempts): the task may be killing the process running it "
+        "(os._exit, a segfault, the OOM killer). Fix the task and retry the run, or raise "
+        "durable_max_redeliveries."
+    )
+    return {
+        "type": StepLostError.__qualname__,
+        "module": StepLostError.__module__,
+        "message": message,
+        "args": [message],
+        "traceback": "",
+    }
 
 
 class StepClaims(StoreBase):
@@ -36,17 +62,40 @@ class StepClaims(StoreBase):
         with self._each_statement_commits() as conn:
             return bool(conn.execute(self._hot.claim, params).rowcount == 1)
 
+    def renew_leases(self, worker: str, dispatch_ids: Collection[str]) -> int:
+        """Renew ``worker``'s claims on the steps of these dispatches; returns how many."""
+        if not dispatch_ids:
+            return 0
+        at = _clock.now()
+        renewed = 0
+        ids = sorted(dispatch_ids)
+        with self._each_statement_commits() as conn:
+            for start in range(0, len(ids), 500):
+                renewed += conn.execute(
+                    update(s.steps)
+                    .where(
+                        s.steps.c.state == CLAIMED,
+                        s.steps.c.claimed_by == worker,
+                        s.steps.c.dispatch_id.in_(ids[start : start + 500]),
+                    )
+                    .values(renewed_at=at)
+                ).rowcount
+        return renewed
+
     def record_outcome(
         self,
         run_id: str,
         seq: int,
         result: tuple[str, bytes] | None = None,
         error: ErrorInfo | None = None,
+        retrying: bool = False,
     ) -> tuple[bool, bool]:
         """Record a step's outcome once; returns ``(recorded, wake_needed)``.
 
         ``wake_needed`` is True for exactly one of the outcomes that arrive while no wake
         is in flight, so the caller publishes one driver message for a burst of them.
+        ``retrying``: an earlier try of this call failed midway, so the outcome may be
+        recorded already while its wake was not flagged: flag it now.
         """
         at = _clock.now()
         key = {"b_run": run_id, "b_seq": seq, "b_at": at}
@@ -58,7 +107,7 @@ class StepClaims(StoreBase):
             values = {**key, "b_type": result[0], "b_result": result[1]}
         with self._each_statement_commits() as conn:
             recorded = conn.execute(record, values).rowcount
-            if recorded != 1:
+            if recorded != 1 and not retrying:
                 return False, False
             # The outcome is committed before the flag is looked at. Were both in one
             # transaction (PostgreSQL, READ COMMITTED), a driver could clear the flag and
@@ -67,25 +116,80 @@ class StepClaims(StoreBase):
             # sweeper. Now a flag seen set belongs to a turn whose read comes later and
             # sees the outcome; a flag seen clear is set here and a wake is sent.
             wake = conn.execute(self._hot.flag_wake_fast, key).first()
-            return True, wake is not None
+            return recorded == 1, wake is not None
 
-    def release_step(self, run_id: str, seq: int) -> Dispatch | None:
-        """Give a claimed step a new dispatch id (its worker died); the caller republishes."""
-        new_id = str(uuid.uuid4())
+    def release_step(
+        self,
+        run_id: str,
+        seq: int,
+        policy: LossPolicy,
+        holder: str | None = None,
+        dispatch_id: str | None = None,
+        lost: bool = True,
+    ) -> RunWake | None:
+        """Give a claimed step a new dispatch, sent by the sweeper's due poller
+        (``take_due_steps``) after the policy's backoff.
+
+        ``holder`` and ``dispatch_id``: only if this worker holds the claim, for this
+        dispatch. ``lost=False``: the holder gave the step back unstarted (it stopped
+        cleanly): no loss counted, sent at once. Returns the run to wake when the loss
+        was one too many and failed the step with ``StepLostError`` instead.
+        """
+        at = _clock.now()
         with self._transaction() as conn:
-            moved = conn.execute(
+            self._lock_run(conn, run_id)
+            claimed = step_is(run_id, seq, CLAIMED)
+            if holder is not None:
+                claimed = and_(claimed, s.steps.c.claimed_by == holder)
+            if dispatch_id is not None:
+                claimed = and_(claimed, s.steps.c.dispatch_id == dispatch_id)
+            row = conn.execute(
+                select(s.steps.c.name, s.steps.c.losses, s.steps.c.attempts).where(claimed)
+            ).first()
+            if row is None:
+                return None
+            losses = (row.losses or 0) + (1 if lost else 0)
+            if losses > policy.max_losses:
+                return self._fail_lost(conn, run_id, seq, row.name, losses, row.attempts, at)
+            conn.execute(
                 update(s.steps)
-                .where(step_is(run_id, seq, CLAIMED))
+                .where(claimed)
                 .values(
                     state=SCHEDULED,
-                    dispatch_id=new_id,
-                    dispatched_at=_clock.now(),
+                    dispatch_id=str(uuid.uuid4()),
+                    dispatched_at=at,
+                    due_at=at + policy.delay(losses) if lost else at,
                     claimed_by=None,
                     claimed_retries=None,
-                    redispatches=s.steps.c.redispatches + 1,
+                    renewed_at=None,
+                    losses=losses,
+                    redispatches=func.coalesce(s.steps.c.redispatches, 0) + 1,
                 )
-            ).rowcount
-            if moved != 1:
-                return None
-            found = load_dispatches(conn, step_is(run_id, seq))
-            return found[0] if found else None
+            )
+            return None
+
+    def _fail_lost(
+        self,
+        conn: Connection,
+        run_id: str,
+        seq: int,
+        name: str,
+        losses: int,
+        attempts: int,
+        at: float,
+    ) -> RunWake | None:
+        """Fail a step lost once too often (the run's row is locked); returns its wake."""
+        conn.execute(
+            update(s.steps)
+            .where(step_is(run_id, seq, CLAIMED))
+            .values(
+                state=DONE,
+                outcome="error",
+                error=lost_error(run_id, seq, name, losses, attempts),
+                completed_at=at,
+                losses=losses,
+                claimed_by=None,
+                renewed_at=None,
+            )
+        )
+        return self._flag_wake(conn, run_id, at, locked=True)

@@ -30,25 +30,39 @@ class DurableWorkerStep(bootsteps.StartStopStep):
         self.sweeper: Sweeper | None = None
 
     def start(self, worker: Any) -> None:
+        global _sweeper
         identity = _identity.adopt(worker.hostname)
         settings_for(worker.app)  # fail at start, with the fix, on a bad setting
         try:
             store_for(worker.app).ensure_schema()  # here, not first in the sweeper thread
         except Exception:
             logger.exception("celery_durable: the store is not reachable yet; will retry")
-        self.sweeper = Sweeper(worker.app, identity, worker.hostname)
+        self.sweeper = _sweeper = Sweeper(worker.app, identity, worker.hostname)
         self.sweeper.start()
 
     def stop(self, worker: Any) -> None:
+        # Bootsteps stop in reverse order, so this runs before the pool drains: keep the
+        # heartbeats (and the leases of the running steps) going until on_worker_shutdown,
+        # or other workers would take this one for dead and run its steps again.
         if self.sweeper is not None:
-            self.sweeper.stop()
+            self.sweeper.drain()
 
     def shutdown(self, worker: Any) -> None:
         self.stop(worker)
 
 
+#: The sweeper of this worker, stopped by :func:`on_worker_shutdown`.
+_sweeper: Sweeper | None = None
+
+
 def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
-    """Record a clean shutdown of this worker in the store."""
+    """Stop the sweeper and record a clean shutdown of this worker in the store.
+
+    ``worker_shutdown`` comes after the pool has drained: every step this worker ran has
+    finished and its outcome is recorded, so what it still claims it never started.
+    """
+    if _sweeper is not None:
+        _sweeper.stop()
     if not _identity.registered() or sender is None:
         return
     try:

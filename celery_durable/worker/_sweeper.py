@@ -1,16 +1,23 @@
 """Recovering what the broker lost, from SQL.
 
-Every worker runs a :class:`Sweeper` (started by the worker bootstep). Each pass it:
+Every worker runs a :class:`Sweeper` (started by the worker bootstep). It renews, on
+every heartbeat, the claims of the step messages this worker holds (a claim is a lease),
+and each pass it:
 
 1. records a heartbeat for this worker;
-2. gives new dispatches to steps claimed by workers that stopped or went silent, and
-   re-sends them (a worker killed mid-step, or holding prefetched or ETA messages);
+2. gives new dispatches to steps whose claim expired: their worker stopped, died, or
+   lost the message (a broker restart takes what a worker had prefetched); they are sent
+   again after a backoff, and a step lost too often fails with ``StepLostError``;
 3. re-sends steps published but never claimed for ``durable_stall_timeout`` (a broker
    restart, a crash between commit and publish); copies share the dispatch id, so
    whichever arrives first runs and the others are dropped;
 4. wakes active runs that have outcomes nobody delivered, or were never driven.
 
-Between passes it fires durable timers that are due, every ``durable_timer_interval``.
+Between passes it fires durable timers that are due, and sends the steps whose backoff
+has passed, every ``durable_timer_interval``.
+
+A warm shutdown stops the passes but not the heartbeats: while the pool drains, the
+worker keeps proving it holds the steps it is still running (:meth:`Sweeper.drain`).
 
 Many workers may sweep at once: each item is taken by one of them in a fenced update.
 """
@@ -21,14 +28,16 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 from celery import Celery
 
 from .._codec import encode_error
 from .._config import settings_for, store_for
 from ..errors import DurableError, UnknownWorkflowError
-from ..store import STUCK, RunRecord
+from ..store import STUCK, RunRecord, is_unreachable
+from ._claims import held_dispatches
 from ._messages import publish_wake
 from ._republish import resend, retry_run
 
@@ -46,39 +55,68 @@ class Sweeper:
         self.hostname = hostname
         self.settings = settings_for(app)
         self._stop = threading.Event()
+        self._draining = threading.Event()
         self._thread: threading.Thread | None = None
+        # Since when this process has reached the store without a failure. After an
+        # outage nobody could renew a lease, so expired-looking claims are only taken
+        # once their holders have had a whole timeout to renew them again.
+        self._reachable_since = time.monotonic()
 
-    def sweep(self) -> dict[str, int]:
-        """One recovery pass; returns counts of what it re-sent."""
+    @property
+    def heartbeat_interval(self) -> float:
+        """How often this worker renews its heartbeat and leases."""
+        return min(self.settings.sweep_interval, self.settings.worker_timeout / 3)
+
+    def heartbeat(self) -> int:
+        """Record that this worker is alive and renew its claims; returns how many."""
         store = store_for(self.app)
         store.heartbeat(self.worker_id, self.hostname, os.getpid())
-        released = resend(self.app, store.release_dead_claims(self.settings.worker_timeout))
+        return store.renew_leases(self.worker_id, held_dispatches())
+
+    def sweep(self, leases_may_expire: bool | None = None) -> dict[str, int]:
+        """One recovery pass; returns counts of what it re-sent.
+
+        ``leases_may_expire``: release claims nobody renewed (default: once this process
+        has reached the store for a whole ``durable_worker_timeout``).
+        """
+        store = store_for(self.app)
+        self.heartbeat()
+        if leases_may_expire is None:
+            reachable_for = time.monotonic() - self._reachable_since
+            leases_may_expire = reachable_for >= self.settings.worker_timeout
+        policy = self.settings.loss_policy
+        failed = store.release_expired_claims(
+            self.settings.worker_timeout, policy, leases=leases_may_expire
+        )
+        self._wake(failed)
         stale = resend(self.app, store.stale_dispatches(self.settings.stall_timeout), copies=True)
-        woken = 0
         known = self._known_workflows()
         # Only runs whose wake this app can route: another app sharing the store has
         # its own workers, queues and maybe broker.
         runs = store.runs_to_wake(self.settings.stall_timeout, workflows=known)
-        if runs:
-            with self.app.producer_or_acquire() as producer:
-                for run in runs:
-                    publish_wake(self.app, run.workflow, run.id, run.options, producer=producer)
-                    woken += 1
+        woken = self._wake([(run.id, run.workflow, run.options) for run in runs])
         # A run with work to do that no sweeper has woken for three stall periods has no
         # live worker that knows its workflow (it fails to import?): park it, with why.
         for run in store.runs_to_wake(3 * self.settings.stall_timeout, exclude=known):
             self._park_unknown(run)
         # ...and a worker that knows it again (fixed code deployed) takes it back.
         self.retry_stuck(only_unknown_to=known)
-        if released or stale or woken:
+        if stale or woken or failed:
             logger.warning(
-                "celery_durable sweeper: re-sent %d steps of dead workers, %d unclaimed "
-                "steps, and woke %d runs",
-                released,
+                "celery_durable sweeper: re-sent %d unclaimed steps, woke %d runs, failed "
+                "%d steps lost too often",
                 stale,
                 woken,
+                len(failed),
             )
-        return {"released": released, "stale": stale, "woken": woken}
+        return {"stale": stale, "woken": woken, "lost": len(failed)}
+
+    def _wake(self, wakes: Sequence[tuple[str, str, Mapping[str, Any]]]) -> int:
+        if wakes:
+            with self.app.producer_or_acquire() as producer:
+                for run_id, workflow, options in wakes:
+                    publish_wake(self.app, workflow, run_id, options, producer=producer)
+        return len(wakes)
 
     def _known_workflows(self) -> list[str]:
         return [name for name, task in self.app.tasks.items() if hasattr(task, "durable")]
@@ -129,43 +167,55 @@ class Sweeper:
         )
         self._thread.start()
 
+    def drain(self) -> None:
+        """Stop recovering and firing timers, but keep the heartbeats and leases going
+        (a warm shutdown: the pool is still finishing its steps)."""
+        self._draining.set()
+
     def stop(self) -> None:
-        """Stop sweeping (waits for a pass in progress)."""
+        """Stop the thread altogether (waits for a pass in progress)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    def fire_timers(self) -> int:
-        """Fire the durable timers that are due and wake their runs; returns how many.
+    def poll_due(self) -> int:
+        """Fire the durable timers that are due and send the steps whose backoff after a
+        lost worker has passed; returns how many.
 
-        Only timers of workflows this worker's app knows: another app sharing the store
-        would send their wakes to its own default queue, where nobody drives them.
+        Only those of workflows this worker's app knows: another app sharing the store
+        would send their messages to its own default queue, where nobody handles them.
         """
-        wakes = store_for(self.app).fire_due_timers(workflows=self._known_workflows())
-        if wakes:
-            with self.app.producer_or_acquire() as producer:
-                for run_id, workflow, options in wakes:
-                    publish_wake(self.app, workflow, run_id, options, producer=producer)
-        return len(wakes)
+        store = store_for(self.app)
+        known = self._known_workflows()
+        fired = self._wake(store.fire_due_timers(workflows=known))
+        return fired + resend(self.app, store.take_due_steps(workflows=known))
 
     def _loop(self) -> None:
         try:
             self.retry_stuck()
         except Exception:
             logger.exception("celery_durable sweeper: retrying stuck runs failed")
-        next_sweep = 0.0
+        next_sweep = next_heartbeat = 0.0
         while not self._stop.is_set():
-            # Timers are checked often (their precision depends on it), the rest of the
-            # recovery every sweep interval.
+            now = time.monotonic()
             try:
-                self.fire_timers()
-            except Exception:
-                logger.exception("celery_durable: firing timers failed; will try again")
-            if time.monotonic() >= next_sweep:
-                try:
-                    self.sweep()
-                except Exception:
-                    # The database or broker may be down for a while; keep trying.
-                    logger.exception("celery_durable sweeper pass failed; will try again")
-                next_sweep = time.monotonic() + self.settings.sweep_interval
-            self._stop.wait(min(self.settings.timer_interval, self.settings.sweep_interval))
+                if self._draining.is_set():
+                    if now >= next_heartbeat:
+                        self.heartbeat()
+                        next_heartbeat = now + self.heartbeat_interval
+                else:
+                    # Timers are checked often (their precision depends on it), the
+                    # rest of the recovery every sweep interval.
+                    self.poll_due()
+                    if now >= next_sweep:
+                        self.sweep()
+                        next_sweep = next_heartbeat = now + self.settings.sweep_interval
+                    elif now >= next_heartbeat:
+                        self.heartbeat()
+                        next_heartbeat = now + self.heartbeat_interval
+            except Exception as exc:
+                if is_unreachable(exc):
+                    self._reachable_since = time.monotonic()
+                # The database or broker may be down for a while; keep trying.
+                logger.exception("celery_durable sweeper pass failed; will try again")
+            self._stop.wait(min(self.settings.timer_interval, self.heartbeat_interval))
