@@ -61,18 +61,27 @@ ONE_PER_BROKER = ["redis-postgres-threads", "rabbitmq-postgres-prefork"]
 class Cluster:
     """Workers, a client app and the evidence (store, side-effect log) of one test."""
 
-    def __init__(self, setup: Setup, tmp_path: Path) -> None:
-        require(setup.broker)
-        if setup.store == "postgres":
+    def __init__(
+        self,
+        setup: Setup,
+        tmp_path: Path,
+        broker_url: str | None = None,
+        store_url: str | None = None,
+    ) -> None:
+        """``broker_url`` and ``store_url``: a private server of the test's own (see
+        ``own_services``) instead of the shared one of ``setup``'s kind."""
+        if broker_url is None:
+            require(setup.broker)
+        if setup.store == "postgres" and store_url is None:
             require("postgres")
         self.setup = setup
         self.dir = tmp_path / "run"
         self.log_dir = tmp_path / "logs"
         self.dir.mkdir()
         self.log_dir.mkdir()
-        self.broker = Broker(setup.broker)
+        self.broker = Broker(setup.broker, broker_url)
         self.queue = self.broker.new_queue()
-        self.database = StoreDatabase(setup.store, str(tmp_path))
+        self.database = StoreDatabase(setup.store, str(tmp_path), store_url)
         self.env = {
             "DURABLE_IT_BROKER": self.broker.url,
             "DURABLE_IT_STORE": self.database.url,

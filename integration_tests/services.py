@@ -86,9 +86,9 @@ def _libpq_url(sqlalchemy_url: str) -> str:
 class Broker:
     """One broker, with the per-test queues the tests create on it."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, url: str | None = None) -> None:
         self.kind = kind
-        self.url = REDIS_URL if kind == "redis" else AMQP_URL
+        self.url = url or (REDIS_URL if kind == "redis" else AMQP_URL)
         self._queues: set[str] = set()
 
     def new_queue(self, prefix: str = "it") -> str:
@@ -162,8 +162,12 @@ class Broker:
 class StoreDatabase:
     """An empty workflow store: a new SQLite file, or a new PostgreSQL schema."""
 
-    def __init__(self, kind: str, directory: str) -> None:
+    def __init__(self, kind: str, directory: str, url: str | None = None) -> None:
         self.kind = kind
+        if url is not None:
+            # A database of the test's own (a private server): nothing to create or drop.
+            self.url, self.schema, self.kind = url, "", "own"
+            return
         if kind == "sqlite":
             self.url = f"sqlite:///{directory}/durable.sqlite3"
             self.schema = ""

@@ -230,6 +230,13 @@ async def slow_steps(n: int, seconds: float) -> int:
 
 
 @durable_workflow
+async def slow_fan_out(n: int, seconds: float) -> int:
+    """``n`` activities at once, each taking ``seconds``; returns the sum of their values."""
+    values = await asyncio.gather(*(slow_record.s(i, seconds) for i in range(n)))
+    return sum(values)
+
+
+@durable_workflow
 async def poisoned(catch: bool) -> str:
     """One good step, then a step that kills its process (see :func:`crash`), then one
     more. ``catch``: handle the :class:`StepLostError` and carry on."""

@@ -196,6 +196,7 @@ class Sweeper:
         except Exception:
             logger.exception("celery_durable sweeper: retrying stuck runs failed")
         next_sweep = next_heartbeat = 0.0
+        outage = False
         while not self._stop.is_set():
             now = time.monotonic()
             try:
@@ -209,13 +210,22 @@ class Sweeper:
                     self.poll_due()
                     if now >= next_sweep:
                         self.sweep()
-                        next_sweep = next_heartbeat = now + self.settings.sweep_interval
+                        next_sweep = now + self.settings.sweep_interval
+                        next_heartbeat = now + self.heartbeat_interval
                     elif now >= next_heartbeat:
                         self.heartbeat()
                         next_heartbeat = now + self.heartbeat_interval
             except Exception as exc:
-                if is_unreachable(exc):
-                    self._reachable_since = time.monotonic()
                 # The database or broker may be down for a while; keep trying.
-                logger.exception("celery_durable sweeper pass failed; will try again")
+                if not is_unreachable(exc):
+                    logger.exception("celery_durable sweeper pass failed; will try again")
+                else:
+                    if not outage:
+                        logger.warning("celery_durable: the store is unreachable (%s)", exc)
+                    outage = True
+                    self._reachable_since = time.monotonic()
+            else:
+                if outage:
+                    logger.warning("celery_durable: the store is reachable again")
+                outage = False
             self._stop.wait(min(self.settings.timer_interval, self.heartbeat_interval))

@@ -1,0 +1,143 @@
+"""Database and broker outages, on private servers the tests stop and start.
+
+With the store's PostgreSQL stopped for ten seconds, its connections cut, Redis restarted
+empty (every queued and prefetched message gone) or RabbitMQ restarted: the workers stay
+up, no run ends FAILURE or STUCK because of it, every run completes once the service is
+back, and no step runs more than twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from celery_durable import WorkflowHandle
+
+from . import wfapp
+from .checks import assert_side_effects
+from .cluster import SETUPS, Cluster
+from .own_services import OwnPostgres, OwnRabbitMQ, OwnRedis
+
+pytestmark = pytest.mark.integration
+
+#: Leases short enough that a claim left behind by a lost message expires within the
+#: test, long enough that the outage outlasts it (which must not cost a second run).
+SETTINGS = {"DURABLE_IT_WORKER_TIMEOUT": "4"}
+
+
+@pytest.fixture
+def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    """A cluster on the setup named by the parameter, with private servers where the
+    test asks for them through ``own_postgres`` / ``own_redis`` / ``own_rabbitmq``."""
+    setup = SETUPS[request.param]
+    names = set(request.fixturenames)
+    store_url = request.getfixturevalue("own_postgres").url if "own_postgres" in names else None
+    broker_url = None
+    if "own_redis" in names:
+        broker_url = request.getfixturevalue("own_redis").url
+    elif "own_rabbitmq" in names:
+        broker_url = request.getfixturevalue("own_rabbitmq").url
+    cluster = Cluster(setup, tmp_path, broker_url=broker_url, store_url=store_url)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def finish_all(cluster: Cluster, handles: list[WorkflowHandle[int]], expected: int) -> None:
+    """Every run completes with ``expected``; every worker is still up."""
+    for handle in handles:
+        assert handle.get(timeout=120) == expected, cluster.log_tails()
+    assert all(worker.running for worker in cluster.workers), "a worker died in the outage"
+    for worker in cluster.workers:
+        assert "AttributeError" not in worker.log_tail(lines=100_000)
+
+
+def sum_of(n: int) -> int:
+    return sum(wfapp.step_value(i) for i in range(n))
+
+
+@pytest.mark.parametrize(
+    "deployment", ["redis-postgres-threads", "rabbitmq-postgres-prefork"], indirect=True
+)
+def test_runs_complete_after_the_store_is_stopped_for_ten_seconds(
+    own_postgres: OwnPostgres, deployment: Cluster
+) -> None:
+    deployment.worker(concurrency=3, env=SETTINGS)
+    handles = [wfapp.slow_steps.apply_async((5, 0.5), app=deployment.client) for _ in range(4)]
+    deadline = time.monotonic() + 60
+    while sum(deployment.effects().values()) < 4:  # steps are running
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    own_postgres.stop("immediate")
+    time.sleep(10)  # the outage: nothing of the test depends on its length
+    own_postgres.start()
+
+    finish_all(deployment, handles, sum_of(5))
+    deployment.kills = 1  # an outage may cost a step one more run, never more
+    for handle in handles:
+        assert_side_effects(deployment, handle.id, range(5))
+
+
+@pytest.mark.parametrize("deployment", ["redis-postgres-threads"], indirect=True)
+def test_runs_complete_when_the_stores_connections_are_cut(
+    own_postgres: OwnPostgres, deployment: Cluster
+) -> None:
+    deployment.worker(concurrency=3, env=SETTINGS)
+    handles = [wfapp.slow_steps.apply_async((6, 0.2), app=deployment.client) for _ in range(5)]
+
+    cut = 0
+    until = time.monotonic() + 3
+    while time.monotonic() < until:
+        cut += own_postgres.terminate_connections()
+        time.sleep(0.1)
+    assert cut > 0
+
+    finish_all(deployment, handles, sum_of(6))
+    deployment.kills = 1
+    for handle in handles:
+        assert_side_effects(deployment, handle.id, range(6))
+
+
+@pytest.mark.parametrize(
+    "deployment", ["redis-postgres-threads", "redis-sqlite-prefork"], indirect=True
+)
+def test_a_fan_out_completes_after_redis_restarts_empty(
+    own_redis: OwnRedis, deployment: Cluster
+) -> None:
+    for name in ("w1", "w2"):
+        deployment.worker(name, concurrency=2, env=SETTINGS)
+    handle = wfapp.slow_fan_out.apply_async((50, 0.3), app=deployment.client)
+    deadline = time.monotonic() + 60
+    while sum(deployment.effects().values()) < 8:  # prefetched and running now
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    own_redis.restart_empty()
+
+    finish_all(deployment, [handle], sum_of(50))
+    deployment.kills = 1
+    assert_side_effects(deployment, handle.id, range(50))
+
+
+@pytest.mark.parametrize("deployment", ["rabbitmq-postgres-prefork"], indirect=True)
+def test_a_fan_out_completes_after_rabbitmq_restarts(
+    own_rabbitmq: OwnRabbitMQ, deployment: Cluster
+) -> None:
+    for name in ("w1", "w2"):
+        deployment.worker(name, concurrency=2, env=SETTINGS)
+    handle = wfapp.slow_fan_out.apply_async((30, 0.3), app=deployment.client)
+    deadline = time.monotonic() + 60
+    while sum(deployment.effects().values()) < 8:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    own_rabbitmq.restart()
+
+    finish_all(deployment, [handle], sum_of(30))
+    deployment.kills = 1
+    assert_side_effects(deployment, handle.id, range(30))
