@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,8 @@ class Cluster:
         queues: list[str] | None = None,
         start: bool = True,
         env: dict[str, str] | None = None,
+        pool: str | None = None,
+        include: Sequence[str] = (),
     ) -> WorkerProcess:
         """A worker node on this test's queue (started unless ``start=False``); ``env``
         adds settings (see ``wfapp``) for this worker only."""
@@ -111,9 +114,10 @@ class Cluster:
             f"{name}-{self.queue}@localhost",
             {**self.env, **(env or {})},
             self.log_dir,
-            pool=self.setup.pool,
+            pool=pool or self.setup.pool,
             concurrency=concurrency,
             queues=queues or [self.queue],
+            include=include,
         )
         self.workers.append(worker)
         return worker.start() if start else worker
@@ -150,13 +154,17 @@ class Cluster:
 
     def effects(self) -> Counter[tuple[str, int]]:
         """How many times each ``(run_id, index)`` activity executed."""
-        counts: Counter[tuple[str, int]] = Counter()
+        return Counter({key: len(times) for key, times in self.effect_times().items()})
+
+    def effect_times(self) -> dict[tuple[str, int], list[float]]:
+        """When each ``(run_id, index)`` activity executed (UNIX seconds), in order."""
+        times: dict[tuple[str, int], list[float]] = {}
         path = self.dir / wfapp.EFFECTS_FILE
         if path.exists():
             for line in path.read_text().splitlines():
-                run_id, index, _pid = line.split("\t")
-                counts[(run_id, int(index))] += 1
-        return counts
+                run_id, index, _pid, at = line.split("\t")
+                times.setdefault((run_id, int(index)), []).append(float(at))
+        return times
 
     @property
     def store(self) -> Store:

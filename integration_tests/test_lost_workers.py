@@ -68,9 +68,13 @@ def test_a_step_lost_with_its_process_runs_once_more_under_every_ack_setting(
     handle = wfapp.sequential.apply_async((8,), {"hold": [3]}, app=cluster.client)
     pid = cluster.wait_for_pause(handle.id, "record-3")
 
+    lost_at = time.monotonic()
     lose_the_worker_running(cluster, worker, pid)
 
     assert handle.get(timeout=120) == sequential_result(8)
+    print(
+        f"\n{cluster.setup.id} {acks}: finished {time.monotonic() - lost_at:.1f} s after the loss"
+    )
     assert_delivered_once(cluster, handle.id, sequential_steps(8))
     assert_side_effects(cluster, handle.id, range(8), exactly=once_except(8, twice=[3]))
     [lost] = [r for r in cluster.store.history(handle.id) if r.seq == 4]

@@ -47,10 +47,19 @@ def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Clust
         cluster.close()
 
 
-def finish_all(cluster: Cluster, handles: list[WorkflowHandle[int]], expected: int) -> None:
-    """Every run completes with ``expected``; every worker is still up."""
+def finish_all(
+    cluster: Cluster, handles: list[WorkflowHandle[int]], expected: int, fault: str
+) -> None:
+    """Every run completes with ``expected``; every worker is still up. Prints how long
+    the runs took to finish after the service came back, and the extra executions."""
+    back = time.monotonic()
     for handle in handles:
         assert handle.get(timeout=120) == expected, cluster.log_tails()
+    counts = [c for (run, _), c in cluster.effects().items() if run in {h.id for h in handles}]
+    print(
+        f"\n{fault}: {len(handles)} runs completed {time.monotonic() - back:.1f} s after it "
+        f"was back; {len(counts)} steps, {sum(counts) - len(counts)} extra executions"
+    )
     assert all(worker.running for worker in cluster.workers), "a worker died in the outage"
     for worker in cluster.workers:
         assert "AttributeError" not in worker.log_tail(lines=100_000)
@@ -77,7 +86,7 @@ def test_runs_complete_after_the_store_is_stopped_for_ten_seconds(
     time.sleep(10)  # the outage: nothing of the test depends on its length
     own_postgres.start()
 
-    finish_all(deployment, handles, sum_of(5))
+    finish_all(deployment, handles, sum_of(5), "store stopped 10 s")
     deployment.kills = 1  # an outage may cost a step one more run, never more
     for handle in handles:
         assert_side_effects(deployment, handle.id, range(5))
@@ -97,7 +106,7 @@ def test_runs_complete_when_the_stores_connections_are_cut(
         time.sleep(0.1)
     assert cut > 0
 
-    finish_all(deployment, handles, sum_of(6))
+    finish_all(deployment, handles, sum_of(6), f"store connections cut ({cut})")
     deployment.kills = 1
     for handle in handles:
         assert_side_effects(deployment, handle.id, range(6))
@@ -119,7 +128,7 @@ def test_a_fan_out_completes_after_redis_restarts_empty(
 
     own_redis.restart_empty()
 
-    finish_all(deployment, [handle], sum_of(50))
+    finish_all(deployment, [handle], sum_of(50), "Redis restarted empty")
     deployment.kills = 1
     assert_side_effects(deployment, handle.id, range(50))
 
@@ -138,6 +147,6 @@ def test_a_fan_out_completes_after_rabbitmq_restarts(
 
     own_rabbitmq.restart()
 
-    finish_all(deployment, [handle], sum_of(30))
+    finish_all(deployment, [handle], sum_of(30), "RabbitMQ restarted")
     deployment.kills = 1
     assert_side_effects(deployment, handle.id, range(30))

@@ -124,6 +124,9 @@ def _paused_process_alive(marker: Path) -> bool:
 
 
 def _append_effect(line: str) -> None:
+    # Each line ends with the wall-clock time of the execution, so that a test can tell
+    # which fault came between two executions of one step.
+    line = f"{line.rstrip(chr(10))}\t{time.time():.6f}\n"
     fd = os.open(_dir() / EFFECTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())

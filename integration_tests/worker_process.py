@@ -48,6 +48,7 @@ class WorkerProcess:
         pool: str,
         concurrency: int,
         queues: Sequence[str],
+        include: Sequence[str] = (),
     ) -> None:
         self.nodename = nodename
         self.env = dict(env)
@@ -55,6 +56,7 @@ class WorkerProcess:
         self.pool = pool
         self.concurrency = concurrency
         self.queues = list(queues)
+        self.include = list(include)
         self.logs: list[Path] = []
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -86,6 +88,8 @@ class WorkerProcess:
             "--without-mingle",
             "--without-gossip",
         ]
+        if self.include:
+            command += ["--include", ",".join(self.include)]
         if self.pool == "prefork":
             # Hand a task to a child only when it is idle, so a child blocked on purpose
             # never sits on other tasks.

@@ -50,7 +50,7 @@ class StoreBase:
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
         self.ensure_schema()
-        with self._fork_gate():
+        with self._fork_gate(), self._lost_connections():
             conn = self._connect()
             with conn, conn.begin():
                 yield conn
@@ -78,8 +78,20 @@ class StoreBase:
                 yield conn
             return
         self.ensure_schema()
-        with self._connect() as conn:
+        with self._lost_connections(), self._connect() as conn:
             yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    @contextmanager
+    def _lost_connections(self) -> Iterator[None]:
+        """Report a database server that went away mid-statement (a restart, a failover,
+        a cut connection) as :class:`StoreUnavailableError`, like one that cannot be
+        reached at all; SQLite's own errors (a locked file) are left as they are."""
+        try:
+            yield
+        except (OperationalError, InterfaceError) as exc:
+            if self.dialect == "sqlite" and not exc.connection_invalidated:
+                raise
+            raise self._unavailable(exc) from exc
 
     def _no_disk_wait(self) -> ColumnElement[bool]:
         """A condition that is always true and lets its statement commit without waiting
@@ -101,7 +113,7 @@ class StoreBase:
         except OperationalError as exc:
             raise self._unavailable(exc) from exc
 
-    def _unavailable(self, exc: OperationalError) -> StoreUnavailableError:
+    def _unavailable(self, exc: DBAPIError) -> StoreUnavailableError:
         return StoreUnavailableError(
             f"cannot reach the workflow store at {safe_url(self.url)}: {exc.orig}. "
             "Check app.conf.durable_database_url and that the database server is running."
