@@ -25,6 +25,7 @@ EXPORTS = [
     "StepInfo",
     "StoreUnavailableError",
     "UnknownWorkflowError",
+    "WorkflowArgumentsError",
     "WorkflowAwaitError",
     "WorkflowCancelledError",
     "WorkflowEncodeError",
