@@ -18,10 +18,8 @@ from celery._state import (  # type: ignore[attr-defined]
 from celery.canvas import Signature
 from celery.utils.imports import gen_task_name
 
-from ._config import settings_for, store_for
-from .driver import RunDriver
-from .errors import DurableError, UnknownWorkflowError
-from .store import NewRun
+from .driver import create_run, driver_options, on_driver_message
+from .errors import UnknownWorkflowError, WorkflowArgumentsError
 from .worker import DRIVER_OPTION_KEYS, publish_wake
 
 if TYPE_CHECKING:
@@ -37,7 +35,13 @@ registry: dict[str, DurableWorkflow[Any, Any]] = {}
 
 
 class DriverTask(Task[Any, Any]):
-    """Base of every workflow's Celery task: starting it starts a run; running it drives one."""
+    """Base of every workflow's Celery task: starting it starts a run; running it drives one.
+
+    ``apply_async`` (and so ``delay`` and signatures) starts the run in the calling
+    process. A process without the workflow's code can only send the task by name
+    (``app.send_task``, Celery beat); the worker then starts the run from that message
+    (see ``driver._start``).
+    """
 
     durable: DurableWorkflow[Any, Any]
     # A turn is short and safe to repeat; Celery's own retry machinery is not used.
@@ -100,8 +104,13 @@ class DurableWorkflow(Generic[P, R]):
             return app.tasks[name]
         durable = self
 
-        def run(task: DriverTask, run_id: str) -> str | None:
-            return RunDriver(task.app, task.name, durable.fn, run_id).drive()
+        # Positional-only, so that a start request's keyword argument named "task" is the
+        # workflow's. A wake carries the run id as its one argument; any other message is
+        # a start request from a sender that knows only the name (see driver._start).
+        def run(task: DriverTask, /, *args: Any, **kwargs: Any) -> str | None:
+            return on_driver_message(
+                task.app, task.name, durable.fn, task.request, args, kwargs, durable.options
+            )
 
         run.__name__ = self.fn.__name__
         run.__qualname__ = self.fn.__qualname__
@@ -114,7 +123,7 @@ class DurableWorkflow(Generic[P, R]):
             for k, v in self.options.items()
             if k != "workflow_id" and k not in DRIVER_OPTION_KEYS
         }
-        make_task: Callable[[Callable[[DriverTask, str], str | None]], DriverTask] = app.task(
+        make_task: Callable[[Callable[..., str | None]], DriverTask] = app.task(
             name=name, bind=True, base=DriverTask, shared=False, lazy=False, **task_options
         )
         task = make_task(run)
@@ -238,7 +247,13 @@ def start_workflow(
     workflow_id: str | None = None,
     **options: Any,
 ) -> WorkflowHandle[Any]:
-    """Create a run of ``definition`` (unless ``workflow_id`` exists) and wake it."""
+    """Create a run of ``definition`` (unless ``workflow_id`` exists) and wake it.
+
+    Raises:
+        WorkflowArgumentsError: the arguments do not fit the workflow function.
+        WorkflowEncodeError: the serializer cannot encode them.
+        DurableError: ``workflow_id`` belongs to a run of another workflow.
+    """
     from .client import WorkflowHandle
 
     name = definition.task_for(app).name
@@ -246,29 +261,13 @@ def start_workflow(
     try:
         inspect.signature(definition.fn).bind(*args, **kwargs)
     except TypeError as exc:
-        raise TypeError(
+        raise WorkflowArgumentsError(
             f"{label}: the arguments do not match {definition.fn.__name__}: {exc}"
         ) from None
-    settings = settings_for(app)
     run_id = workflow_id or str(uuid.uuid4())
-    label = f"workflow {name}[{run_id}]"
-    content_type, payload = settings.codec.dumps(
-        [list(args), dict(kwargs)], f"the arguments of {label}"
-    )
-    driver_options = {
-        k: v for k, v in {**definition.options, **options}.items() if k in DRIVER_OPTION_KEYS
-    }
-    store = store_for(app)
-    created = store.create_run(NewRun(run_id, name, content_type, payload, driver_options))
-    if not created:
-        existing = store.require_run(run_id)
-        if existing.workflow != name:
-            raise DurableError(
-                f"workflow id {run_id!r} already belongs to a run of {existing.workflow!r}, "
-                f"not {name!r}; choose another workflow_id"
-            )
-        return WorkflowHandle(run_id, app=app)
-    publish_wake(app, name, run_id, driver_options)
+    options = driver_options({**definition.options, **options})
+    if create_run(app, name, run_id, args, kwargs, options):
+        publish_wake(app, name, run_id, options)
     return WorkflowHandle(run_id, app=app)
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "StepLostError",
     "StoreUnavailableError",
     "UnknownWorkflowError",
+    "WorkflowArgumentsError",
     "WorkflowAwaitError",
     "WorkflowCancelledError",
     "WorkflowEncodeError",
@@ -34,6 +35,10 @@ class DurableError(Exception):
 
 class NotInWorkflowError(DurableError, RuntimeError):
     """A workflow-only helper was used outside a running workflow."""
+
+
+class WorkflowArgumentsError(DurableError, TypeError):
+    """A run's arguments do not fit its workflow function's signature."""
 
 
 class WorkflowAwaitError(DurableError, TypeError):

@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 from celery import Celery, shared_task
 
-from celery_durable import WorkflowCancelledError, WorkflowHandle, durable_workflow, workflow
+from celery_durable import (
+    WorkflowArgumentsError,
+    WorkflowCancelledError,
+    WorkflowHandle,
+    durable_workflow,
+    workflow,
+)
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -94,6 +100,28 @@ def test_a_failed_child_raises_its_own_exception_type_in_the_parent(
     assert child.status == "FAILURE"
     with pytest.raises(OutOfStock):
         child.get(timeout=TIMEOUT)
+
+
+@durable_workflow
+async def misquotes(sku: str) -> str:
+    try:
+        await quote.s(sku)  # quote takes a quantity too
+    except WorkflowArgumentsError as exc:
+        return str(exc)
+    return "quoted"
+
+
+def test_a_child_started_with_arguments_that_do_not_fit_fails_and_the_parent_sees_why(
+    app: Celery,
+) -> None:
+    handle = misquotes.delay("lamp")
+
+    message = handle.get(timeout=TIMEOUT)
+    [step] = handle.history
+    assert step.child_id is not None
+    assert message.startswith(f"workflow {quote.name}[{step.child_id}]: the arguments")
+    assert "quote(sku, quantity): missing a required argument: 'quantity'" in message
+    assert WorkflowHandle(step.child_id, app=app).status == "FAILURE"
 
 
 def test_an_unhandled_child_failure_fails_the_parent_with_it(app: Celery) -> None:

@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 
 from celery_durable import workflow
-from celery_durable.errors import NotInWorkflowError, WorkflowAwaitError, WorkflowEncodeError
+from celery_durable.errors import (
+    NotInWorkflowError,
+    WorkflowArgumentsError,
+    WorkflowAwaitError,
+    WorkflowEncodeError,
+)
 from celery_durable.runtime import (
     CancelStep,
     Command,
@@ -259,6 +264,25 @@ def test_unhandled_error_fails_the_workflow_with_that_exception() -> None:
     assert isinstance(failed.error, LookupError)
     assert str(failed.error) == "no such order"
     assert instance.finished
+
+
+def test_arguments_that_do_not_fit_fail_the_workflow_before_its_code_runs() -> None:
+    ran = []
+
+    async def wf(order_id: str, *, cents: int = 0) -> None:
+        ran.append(order_id)
+
+    [failed] = make(wf, "o-1", "extra", workflow_id="wf-args").activate([], T0)
+    assert isinstance(failed, FailWorkflow)
+    assert isinstance(failed.error, WorkflowArgumentsError)
+    assert isinstance(failed.error, TypeError)
+    message = str(failed.error)
+    assert message.startswith("workflow tests.wf[wf-args]: the arguments args=['o-1', 'extra']")
+    assert "do not match wf(order_id, *, cents=0): too many positional arguments" in message
+    [missing] = make(wf, cents=1).activate([], T0)
+    assert isinstance(missing, FailWorkflow)
+    assert "missing a required argument: 'order_id'" in str(missing.error)
+    assert ran == []
 
 
 def test_cancelling_the_main_task_fails_the_workflow_with_cancelled_error() -> None:

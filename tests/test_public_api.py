@@ -26,6 +26,7 @@ EXPORTS = [
     "StepLostError",
     "StoreUnavailableError",
     "UnknownWorkflowError",
+    "WorkflowArgumentsError",
     "WorkflowAwaitError",
     "WorkflowCancelledError",
     "WorkflowEncodeError",

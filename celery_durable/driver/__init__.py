@@ -1,4 +1,5 @@
-"""The driver layer: one wake message drives one run through the turns that are ready.
+"""The driver layer: one wake message drives one run through the turns that are ready;
+a start request (the driver task sent by name) creates the run first.
 
 A turn loads the run and its new outcomes from the store, brings the workflow's
 coroutine up to date (from the process's cache, or by replay), activates it, turns the
@@ -6,6 +7,8 @@ commands it issued into one fenced commit, and then publishes the messages that 
 implies. Parts:
 
 * ``_driver`` — :class:`RunDriver`, the turn itself and what follows its commit;
+* ``_start`` — creating runs, and telling a wake from a start request sent by name
+  (:func:`on_driver_message`);
 * ``_plan`` — :class:`TurnPlan`, one method per kind of command;
 * ``_cache`` — suspended instances kept between turns.
 
@@ -18,5 +21,15 @@ from __future__ import annotations
 from ._cache import InstanceCache, cache
 from ._driver import MAX_TURNS_IN_ONE_TASK, RunDriver
 from ._plan import TurnPlan
+from ._start import create_run, driver_options, on_driver_message
 
-__all__ = ["MAX_TURNS_IN_ONE_TASK", "InstanceCache", "RunDriver", "TurnPlan", "cache"]
+__all__ = [
+    "MAX_TURNS_IN_ONE_TASK",
+    "InstanceCache",
+    "RunDriver",
+    "TurnPlan",
+    "cache",
+    "create_run",
+    "driver_options",
+    "on_driver_message",
+]

@@ -14,12 +14,13 @@ import contextlib
 import contextvars
 import inspect
 import random
+import reprlib
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, NoReturn
 
-from ..errors import NotInWorkflowError, WorkflowAwaitError
+from ..errors import NotInWorkflowError, WorkflowArgumentsError, WorkflowAwaitError
 from ._commands import (
     PATCH,
     CancelStep,
@@ -284,7 +285,7 @@ class WorkflowInstance:
             self.now = now
         self.loop.set_time((self.now - self.info.start_time).total_seconds())
         if self._main is None:
-            self._main = self.loop.create_task(self._fn(*self._args, **self._kwargs))
+            self._main = self.loop.create_task(self._start())
         for outcome in outcomes:
             timer = self._timers.pop(outcome.seq, None)
             if timer is not None:
@@ -316,6 +317,42 @@ class WorkflowInstance:
             issued.append(self._outcome(self._main, self.info))
             self.loop.close()
         return issued
+
+    def _start(self) -> Coroutine[Any, Any, Any]:
+        """The workflow's coroutine, called with the run's arguments.
+
+        Arguments that do not fit the function give a coroutine raising
+        :class:`WorkflowArgumentsError` instead: the run then fails like any workflow
+        exception, with the reason and its input kept. Runs started through the API are
+        checked before they are created; a run started by a message sent by name
+        (``app.send_task``, Celery beat) can only be checked here.
+        """
+        try:
+            inspect.signature(self._fn).bind(*self._args, **self._kwargs)
+        except TypeError as exc:
+            return _raise(self._arguments_error(exc))
+        except ValueError:
+            pass  # no signature to check against (a builtin): let the call decide
+        return self._fn(*self._args, **self._kwargs)
+
+    def _arguments_error(self, exc: TypeError) -> WorkflowArgumentsError:
+        name = self.info.name
+        fn = getattr(self._fn, "__name__", "the workflow function")
+        short = reprlib.Repr()  # a message, not a dump of whatever was sent
+        short.maxstring = short.maxother = 60
+        # Names and defaults say what to pass; annotations may be unevaluated strings.
+        signature = inspect.signature(self._fn)
+        bare = signature.replace(
+            parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+            return_annotation=signature.empty,
+        )
+        return WorkflowArgumentsError(
+            f"workflow {name}[{self.info.workflow_id}]: the arguments args="
+            f"{short.repr(list(self._args))} kwargs={short.repr(self._kwargs)} do not match "
+            f"{fn}{bare}: {exc}. Start it with arguments that fit "
+            f"that signature; a message sent by name passes its args and kwargs to the "
+            f"workflow unchanged, e.g. app.send_task({name!r}, args=[...], kwargs={{...}})."
+        )
 
     @staticmethod
     def _outcome(
@@ -391,3 +428,7 @@ def current_instance(helper: str) -> WorkflowInstance:
             "start tasks with .delay()/.apply_async() and workflows with their .delay()"
         )
     return owner
+
+
+async def _raise(error: BaseException) -> NoReturn:
+    raise error

@@ -23,6 +23,7 @@ from ._identity import worker_id
 from ._messages import (
     DRIVER_OPTION_KEYS,
     batched,
+    is_wake,
     publish_step,
     publish_wake,
     step_headers,
@@ -36,6 +37,7 @@ __all__ = [
     "Sweeper",
     "batched",
     "connect",
+    "is_wake",
     "publish_resumed",
     "publish_step",
     "publish_wake",

@@ -3,7 +3,10 @@
 * A **step message** is the user's own task, unchanged, under its own name, with a task
   id equal to the step's dispatch id and headers naming the run and step. Workers record
   its outcome from signal handlers (see ``_claims``).
-* A **wake message** is the workflow's driver task with the run id as its only argument.
+* A **wake message** is the workflow's driver task with the run id as its only argument,
+  marked by the ``durable_wake`` header (:func:`is_wake`). A driver task message without
+  it is a *start request*: the workflow sent by name with its own arguments (see
+  ``driver._start``).
 
 Publishing always happens after the transaction that made the message necessary has
 committed; a message lost between the two is re-sent by the sweeper.
@@ -25,6 +28,7 @@ __all__ = [
     "HEADER_SEQ",
     "HEADER_WAKE",
     "batched",
+    "is_wake",
     "publish_step",
     "publish_wake",
     "step_headers",
@@ -128,3 +132,20 @@ def publish_wake(
         add_to_parent=False,
         **{k: v for k, v in driver_options.items() if k in DRIVER_OPTION_KEYS},
     )
+
+
+def is_wake(request: Any) -> bool:
+    """True when a driver task's ``request`` (its ``task.request``) is a wake message
+    sent by :func:`publish_wake`; False for a start request, which has no such header.
+
+    Celery hands a message's own headers to the task as attributes of the request: the
+    worker builds the request from the message headers (task protocol 2, and protocol 1
+    messages, which it converts). A message whose body lacks ``args`` is converted
+    differently and keeps them only in ``request.headers`` (which Celery 5.3 and later
+    also fill for the others). Either place marks a wake: taking a wake for a start
+    request would start a run with the run id as its argument.
+    """
+    if getattr(request, HEADER_WAKE, None):
+        return True
+    headers = getattr(request, "headers", None)
+    return isinstance(headers, Mapping) and bool(headers.get(HEADER_WAKE))
