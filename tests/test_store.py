@@ -828,7 +828,7 @@ def _tables_of_version(version: int) -> MetaData:
 @pytest.mark.parametrize("version", range(1, _schema.SCHEMA_VERSION))
 def test_an_older_store_is_upgraded_in_place_and_keeps_its_runs(url: str, version: int) -> None:
     old = _tables_of_version(version)
-    assert "woken_at" in old.tables["durable_runs"].c
+    wake_column = "woken_at" if version < 4 else "wake_sent_at"
     engine = create_engine(url)
     with engine.begin() as conn:
         old.create_all(conn)
@@ -842,7 +842,7 @@ def test_an_older_store_is_upgraded_in_place_and_keeps_its_runs(url: str, versio
                 status=RUNNING,
                 turn=2,
                 wake_pending=False,
-                woken_at=5.0,
+                **{wake_column: 5.0},
                 content_type=JSON,
                 input=b"[[], {}]",
                 options={},
@@ -851,8 +851,10 @@ def test_an_older_store_is_upgraded_in_place_and_keeps_its_runs(url: str, versio
             )
         )
         # Before version 4 a timer kept its deadline in dispatched_at.
+        deadline = {"due_at": 7.0} if version >= 4 else {}
         conn.execute(
             insert(old.tables["durable_steps"]).values(
+                **deadline,
                 run_id="old-run",
                 seq=1,
                 kind="timer",
@@ -884,11 +886,15 @@ def test_an_older_store_is_upgraded_in_place_and_keeps_its_runs(url: str, versio
             columns = {c["name"] for c in inspector.get_columns("durable_runs")}
             wake_sent_at = conn.execute(select(_schema.runs.c.wake_sent_at)).scalar_one()
             indexes = {i["name"] for i in inspector.get_indexes("durable_steps")}
+            step_columns = {c["name"] for c in inspector.get_columns("durable_steps")}
+            worker_columns = {c["name"] for c in inspector.get_columns("durable_workers")}
         assert stored == str(_schema.SCHEMA_VERSION)
         assert {"cancel_at", "parent_id", "progress", "incarnation", "wake_sent_at"} <= columns
         assert "woken_at" not in columns
         assert wake_sent_at == 5.0
         assert "ix_durable_steps_state_due" in indexes
+        assert {"due_at", "renewed_at", "losses"} <= step_columns
+        assert "clean_stop" in worker_columns
         # The timer fires from its upgraded deadline.
         assert store.fire_due_timers() == [("old-run", "shop.checkout", {})]
     finally:

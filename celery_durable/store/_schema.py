@@ -33,7 +33,7 @@ __all__ = [
 
 #: Bumped whenever the tables change; each bump comes with its upgrade step in
 #: :mod:`celery_durable.store._migrations`.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: What each version added, as (table, column) pairs; upgrades add them in order.
 #: (New tables need no entry: they are created whenever they are missing.)
@@ -49,9 +49,8 @@ ADDED_COLUMNS: dict[int, list[tuple[str, str]]] = {
         ("durable_steps", "child_id"),
     ],
     3: [("durable_runs", "cancel_at")],
-    4: [
-        ("durable_runs", "incarnation"),
-        ("durable_steps", "due_at"),
+    4: [("durable_runs", "incarnation"), ("durable_steps", "due_at")],
+    5: [
         ("durable_steps", "renewed_at"),
         ("durable_steps", "losses"),
         ("durable_workers", "clean_stop"),
@@ -151,6 +150,7 @@ steps = Table(
     # When the step's next action is due (UNIX seconds): a timer fires, a task step lost
     # with its worker is sent again after its backoff. NULL: nothing is waiting.
     Column("due_at", Float, nullable=True),
+    # -- schema version 5 --
     # A claim is a lease: its holder renews it while it holds the message; a claim not
     # renewed for durable_worker_timeout has expired.
     Column("renewed_at", Float, nullable=True),
@@ -184,7 +184,7 @@ workers = Table(
     Column("started_at", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
     Column("stopped_at", Float, nullable=True),
-    # -- schema version 4 --
+    # -- schema version 5 --
     # True when the worker shut down warm (its pool drained), not replaced after a crash.
     Column("clean_stop", Boolean, nullable=True),
     Index("ix_durable_workers_hostname", "hostname"),
