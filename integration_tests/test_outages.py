@@ -19,7 +19,7 @@ from celery_durable import WorkflowHandle
 from . import wfapp
 from .checks import assert_side_effects
 from .cluster import SETUPS, Cluster
-from .own_services import OwnPostgres, OwnRabbitMQ, OwnRedis
+from .own_services import OwnPostgres
 
 pytestmark = pytest.mark.integration
 
@@ -30,16 +30,15 @@ SETTINGS = {"DURABLE_IT_WORKER_TIMEOUT": "4"}
 
 @pytest.fixture
 def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
-    """A cluster on the setup named by the parameter, with private servers where the
-    test asks for them through ``own_postgres`` / ``own_redis`` / ``own_rabbitmq``."""
+    """A cluster on the setup named by the parameter, on a private PostgreSQL when the
+    test takes ``own_postgres``, and on a private broker when it takes ``restart``."""
     setup = SETUPS[request.param]
     names = set(request.fixturenames)
     store_url = request.getfixturevalue("own_postgres").url if "own_postgres" in names else None
     broker_url = None
-    if "own_redis" in names:
-        broker_url = request.getfixturevalue("own_redis").url
-    elif "own_rabbitmq" in names:
-        broker_url = request.getfixturevalue("own_rabbitmq").url
+    if "restart" in names:  # the broker is the one the test restarts
+        own = "own_redis" if setup.broker == "redis" else "own_rabbitmq"
+        broker_url = request.getfixturevalue(own).url
     cluster = Cluster(setup, tmp_path, broker_url=broker_url, store_url=store_url)
     try:
         yield cluster
@@ -113,40 +112,30 @@ def test_runs_complete_when_the_stores_connections_are_cut(
 
 
 @pytest.mark.parametrize(
-    "deployment", ["redis-postgres-threads", "redis-sqlite-prefork"], indirect=True
+    ("deployment", "restart"),
+    [
+        ("redis-postgres-threads", "Redis restarted empty"),
+        ("redis-sqlite-prefork", "Redis restarted empty"),
+        ("rabbitmq-postgres-prefork", "RabbitMQ restarted"),
+    ],
+    indirect=["deployment"],
 )
-def test_a_fan_out_completes_after_redis_restarts_empty(
-    own_redis: OwnRedis, deployment: Cluster
+def test_a_fan_out_completes_after_the_broker_restarts(
+    request: pytest.FixtureRequest, deployment: Cluster, restart: str
 ) -> None:
     for name in ("w1", "w2"):
         deployment.worker(name, concurrency=2, env=SETTINGS)
-    handle = wfapp.slow_fan_out.apply_async((50, 0.3), app=deployment.client)
+    handle = wfapp.slow_fan_out.apply_async((40, 0.3), app=deployment.client)
     deadline = time.monotonic() + 60
     while sum(deployment.effects().values()) < 8:  # prefetched and running now
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
-    own_redis.restart_empty()
+    if deployment.setup.broker == "redis":
+        request.getfixturevalue("own_redis").restart_empty()
+    else:
+        request.getfixturevalue("own_rabbitmq").restart()
 
-    finish_all(deployment, [handle], sum_of(50), "Redis restarted empty")
+    finish_all(deployment, [handle], sum_of(40), restart)
     deployment.kills = 1
-    assert_side_effects(deployment, handle.id, range(50))
-
-
-@pytest.mark.parametrize("deployment", ["rabbitmq-postgres-prefork"], indirect=True)
-def test_a_fan_out_completes_after_rabbitmq_restarts(
-    own_rabbitmq: OwnRabbitMQ, deployment: Cluster
-) -> None:
-    for name in ("w1", "w2"):
-        deployment.worker(name, concurrency=2, env=SETTINGS)
-    handle = wfapp.slow_fan_out.apply_async((30, 0.3), app=deployment.client)
-    deadline = time.monotonic() + 60
-    while sum(deployment.effects().values()) < 8:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-
-    own_rabbitmq.restart()
-
-    finish_all(deployment, [handle], sum_of(30), "RabbitMQ restarted")
-    deployment.kills = 1
-    assert_side_effects(deployment, handle.id, range(30))
+    assert_side_effects(deployment, handle.id, range(40))

@@ -8,7 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from sqlalchemy import and_, false, func, insert, or_, select, true, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    and_,
+    false,
+    func,
+    insert,
+    or_,
+    select,
+    true,
+    update,
+)
 
 from . import _clock
 from . import _schema as s
@@ -122,14 +133,7 @@ class Recovery(StepClaims):
     ) -> list[Dispatch]:
         """Task steps whose backoff after a lost worker has passed, taken for sending."""
         at = _clock.now()
-        due = and_(
-            s.steps.c.state == SCHEDULED,
-            s.steps.c.due_at <= at,
-            s.steps.c.kind == "activity",
-        )
-        if workflows is not None:
-            ours = select(s.runs.c.id).where(s.runs.c.workflow.in_(list(workflows)))
-            due = and_(due, s.steps.c.run_id.in_(ours))
+        due = _due("activity", at, workflows)
         # Read first: on most polls nothing is due, and a write transaction would queue
         # behind SQLite's writer lock for nothing.
         with self._read() as conn:
@@ -151,14 +155,7 @@ class Recovery(StepClaims):
                 ).rowcount
                 if moved:
                     taken.append((run_id, seq))
-            if not taken:
-                return []
-            wanted = set(taken)
-            return [
-                d
-                for d in load_dispatches(conn, s.steps.c.state == SCHEDULED, taken)
-                if (d.run_id, d.seq) in wanted
-            ]
+            return _dispatches_of(conn, taken)
 
     def stale_dispatches(self, older_than: float, limit: int = 1000) -> list[Dispatch]:
         """Steps published but never claimed for a while, taken for re-publishing.
@@ -195,13 +192,7 @@ class Recovery(StepClaims):
                 ).rowcount
                 if moved:
                     taken.append((run_id, seq))
-            if not taken:
-                return []
-            return [
-                d
-                for d in load_dispatches(conn, s.steps.c.state == SCHEDULED, taken)
-                if (d.run_id, d.seq) in set(taken)
-            ]
+            return _dispatches_of(conn, taken)
 
     def runs_to_wake(
         self,
@@ -288,14 +279,7 @@ class Recovery(StepClaims):
         """
         at = _clock.now()
         with self._transaction() as conn:
-            due_now = and_(
-                s.steps.c.state == SCHEDULED,
-                s.steps.c.due_at <= at,
-                s.steps.c.kind == "timer",
-            )
-            if workflows is not None:
-                ours = select(s.runs.c.id).where(s.runs.c.workflow.in_(list(workflows)))
-                due_now = and_(due_now, s.steps.c.run_id.in_(ours))
+            due_now = _due("timer", at, workflows)
             due = select(s.steps.c.run_id, s.steps.c.seq).where(due_now).limit(limit)
             if self.dialect == "postgresql":
                 due = due.with_for_update(skip_locked=True)
@@ -317,3 +301,24 @@ class Recovery(StepClaims):
                 if wake is not None:
                     wakes.append(wake)
             return wakes
+
+
+def _due(kind: str, at: float, workflows: Collection[str] | None) -> ColumnElement[bool]:
+    """Scheduled steps of ``kind`` due by ``at``, of runs of ``workflows`` (None: all)."""
+    due = and_(s.steps.c.state == SCHEDULED, s.steps.c.due_at <= at, s.steps.c.kind == kind)
+    if workflows is None:
+        return due
+    ours = select(s.runs.c.id).where(s.runs.c.workflow.in_(list(workflows)))
+    return and_(due, s.steps.c.run_id.in_(ours))
+
+
+def _dispatches_of(conn: Connection, taken: list[tuple[str, int]]) -> list[Dispatch]:
+    """The dispatches of the scheduled steps ``taken`` (run id, seq) by this transaction."""
+    if not taken:
+        return []
+    wanted = set(taken)
+    return [
+        d
+        for d in load_dispatches(conn, s.steps.c.state == SCHEDULED, taken)
+        if (d.run_id, d.seq) in wanted
+    ]
