@@ -97,11 +97,9 @@ class RunControl(TurnWrites):
             self._give_signal(conn, run_id, wait, content_type, payload, at)
             return self._flag_wake(conn, run_id, at, locked=True)
 
-    def request_cancel(self, run_id: str, quiet: bool = False) -> RunWake | None:
-        """Ask a run to cancel; returns it to wake (None if a wake is already pending).
-
-        With ``quiet`` (a parent cancelling its child), a finished or missing run is not
-        an error: there is simply nothing to do.
+    def request_cancel(self, run_id: str) -> RunWake | None:
+        """Ask a run to cancel; returns it to wake (None if a wake is already pending or
+        it was asked before).
 
         Raises:
             WorkflowNotFoundError: no such run.
@@ -109,9 +107,12 @@ class RunControl(TurnWrites):
         """
         at = _clock.now()
         with self._transaction() as conn:
-            row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
-            if quiet and (row is None or row.status in FINISHED):
-                return None
+            asked, wake = self._ask_to_cancel(conn, run_id, at)
+            if asked:
+                return wake
+            row = conn.execute(
+                select(s.runs.c.status, s.runs.c.workflow).where(s.runs.c.id == run_id)
+            ).first()
             if row is None:
                 raise WorkflowNotFoundError(f"no workflow run with id {run_id!r} to cancel")
             if row.status in FINISHED:
@@ -119,14 +120,7 @@ class RunControl(TurnWrites):
                     f"workflow {row.workflow}[{run_id}] has already finished ({row.status}); "
                     "there is nothing to cancel"
                 )
-            if row.cancel_requested:
-                return None
-            conn.execute(
-                update(s.runs)
-                .where(s.runs.c.id == run_id)
-                .values(cancel_requested=True, updated_at=at)
-            )
-            return self._flag_wake(conn, run_id, at)
+            return None  # asked before: that request's wake (or the sweeper) delivers it
 
     def terminate(
         self, run_id: str, error: ErrorInfo
@@ -139,6 +133,8 @@ class RunControl(TurnWrites):
         """
         at = _clock.now()
         with self._transaction() as conn:
+            # Parent before child: the parent's step is completed below.
+            self._lock_parent_of(conn, run_id)
             row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
             if row is None:
                 raise WorkflowNotFoundError(f"no workflow run with id {run_id!r} to terminate")
