@@ -27,6 +27,7 @@ from celery_durable.store import (
     TERMINATED,
     NewRun,
     NewStep,
+    RunRecord,
     Store,
     TurnCommitted,
     TurnWrite,
@@ -737,6 +738,69 @@ def test_request_cancel_refuses_finished_and_unknown_runs(store: Store) -> None:
     assert store.request_cancel("p") is None  # asked before: nothing more to do
 
 
+def describe_end(run: RunRecord) -> dict[str, Any]:
+    return {"type": "WorkflowTerminatedError", "message": f"{run.workflow}[{run.id}] ended"}
+
+
+def test_terminate_ends_every_open_descendant_in_one_transaction(store: Store) -> None:
+    kid, done, cancelled = family(store, children=3)
+    [grandchild] = start_children(store, kid, 1, 1)
+    assert finish_child(store, done) is not None
+    # A child whose step the parent cancelled earlier may still be cleaning up.
+    assert end_parent(store, [3], status=RUNNING, turn=1) is not None
+    assert store.require_run(cancelled).cancel_requested
+
+    ended = store.terminate("p", {"type": "WorkflowTerminatedError"}, describe_end)
+
+    assert ended.runs == ["p", kid, cancelled, grandchild]
+    assert ended.parent is None
+    assert sorted(c.dispatch_id for c in ended.cancelled if c.kind == "activity") == [
+        "dispatch-1",
+        "dispatch-1",
+        "dispatch-1",
+    ]
+    for run_id in ("p", kid, cancelled, grandchild):
+        run = store.require_run(run_id)
+        assert run.status == TERMINATED, run_id
+        assert all(s.state in (STEP_CANCELLED, DELIVERED) for s in store.history(run_id))
+    assert store.require_run("p").error == {"type": "WorkflowTerminatedError"}
+    assert store.require_run(grandchild).error == describe_end(store.require_run(grandchild))
+    assert store.require_run(done).status == SUCCESS  # a finished child: nothing to do
+    assert states(store, "p") == {1: STEP_CANCELLED, 2: STEP_CANCELLED, 3: STEP_CANCELLED}
+    # Nothing is left for a sweeper to wake or re-send.
+    assert store.runs_to_wake(older_than=-1) == []
+    assert store.stale_dispatches(older_than=-1) == []
+
+
+def test_terminating_a_child_completes_its_parent_step_and_wakes_the_parent(
+    store: Store,
+) -> None:
+    [kid] = family(store)
+    [grandchild] = start_children(store, kid, 1, 1)
+
+    ended = store.terminate(kid, {"type": "WorkflowTerminatedError", "message": "stop"})
+
+    assert ended.runs == [kid, grandchild]
+    assert ended.parent == ("p", "shop.checkout", {"queue": "wf"})
+    [step] = store.history("p")
+    assert (step.state, step.outcome, step.error) == (
+        DONE,
+        "error",
+        {"type": "WorkflowTerminatedError", "message": "stop"},
+    )
+    assert store.require_run(grandchild).error == store.require_run(kid).error
+
+
+def test_terminate_refuses_finished_and_unknown_runs(store: Store) -> None:
+    [kid] = family(store)
+    assert finish_child(store, kid) is not None
+    with pytest.raises(DurableError, match="already finished"):
+        store.terminate(kid, {"type": "E"})
+    with pytest.raises(WorkflowNotFoundError):
+        store.terminate("nope", {"type": "E"})
+    assert store.require_run(kid).status == SUCCESS
+
+
 def race(*actions: Callable[[], Any]) -> list[Any]:
     """Run ``actions`` at once, each in a thread; their results (or exceptions)."""
     barrier = threading.Barrier(len(actions))
@@ -763,7 +827,7 @@ def race(*actions: Callable[[], Any]) -> list[Any]:
 RACES = {"postgresql": 60, "sqlite": 15}
 
 
-@pytest.mark.parametrize("ending", ["cancelled"])
+@pytest.mark.parametrize("ending", ["cancelled", "terminated"])
 def test_a_parent_ending_while_its_children_finish_never_deadlocks(
     open_store: Callable[[], Store], ending: str
 ) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "NewStep",
     "RunRecord",
     "StepRecord",
+    "Termination",
     "TurnCommitted",
     "TurnStart",
     "TurnWrite",
@@ -166,6 +167,19 @@ class TurnCommitted:
     #: Child runs of cancelled child steps that this commit asked to cancel and whose
     #: wake flag it set, to wake (a wake lost here is re-sent by the sweeper).
     cancelled_children: list[tuple[str, str, Mapping[str, Any]]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Termination:
+    """What :meth:`Store.terminate` ended in its one transaction, for the caller to
+    follow up on (best effort: nothing here is needed for the runs to stay ended)."""
+
+    #: The run and each descendant it terminated, parents before their children.
+    runs: list[str]
+    #: The open steps of all of them, now cancelled (tasks to revoke).
+    cancelled: list[CancelledStep]
+    #: The terminated run's parent, to wake: its child step now holds the termination.
+    parent: tuple[str, str, Mapping[str, Any]] | None
 
 
 @dataclass(frozen=True)
