@@ -289,28 +289,31 @@ class WorkflowHandle(Generic[R]):
     def terminate(self, reason: str = "terminated") -> None:
         """End the run at once, without running workflow code; it becomes TERMINATED.
 
-        Pending tasks are revoked (best effort) and child workflows terminated too.
+        Its child workflows (and theirs, at every level) are terminated in the same
+        transaction; pending tasks are revoked (best effort).
 
         Raises:
             DurableError: the run has already finished.
         """
         run = self._run()
-        error = encode_error(
-            WorkflowTerminatedError(f"workflow {run.workflow}[{self.id}] was terminated: {reason}")
+        root = f"{run.workflow}[{self.id}]"
+        ended = self._store.terminate(
+            self.id,
+            encode_error(WorkflowTerminatedError(f"workflow {root} was terminated: {reason}")),
+            descendant_error=lambda child: encode_error(
+                WorkflowTerminatedError(
+                    f"workflow {child.workflow}[{child.id}] was terminated with workflow "
+                    f"{root}: {reason}"
+                )
+            ),
         )
-        cancelled, parent = self._store.terminate(self.id, error)
-        revoke = [c.dispatch_id for c in cancelled if c.kind == "activity"]
+        revoke = [c.dispatch_id for c in ended.cancelled if c.kind == "activity"]
         if revoke:
             # Best effort: a late outcome of such a step is dropped anyway.
             with contextlib.suppress(Exception):
                 self.app.control.revoke(revoke)
-        for step in cancelled:
-            if step.kind == "child" and step.child_id:
-                child: WorkflowHandle[Any] = WorkflowHandle(step.child_id, app=self.app)
-                with contextlib.suppress(DurableError):  # it has already finished
-                    child.terminate(reason)
-        if parent is not None:
-            publish_wake(self.app, parent[1], parent[0], parent[2])
+        if ended.parent is not None:
+            publish_wake(self.app, ended.parent[1], ended.parent[0], ended.parent[2])
 
     def retry(self) -> None:
         """Resume a STUCK run, or re-run the failed steps of a FAILED one.

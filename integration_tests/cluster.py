@@ -152,6 +152,11 @@ class Cluster:
         """Make drivers pause before publishing step ``seq`` (after committing it)."""
         (self.dir / wfapp.PAUSE_PUBLISH_FILE).write_text(str(seq))
 
+    def pause_after_cancelling(self, *run_ids: str) -> None:
+        """Make the drivers of these runs pause right after a commit that cancelled
+        child steps, before anything that follows it in memory."""
+        (self.dir / wfapp.PAUSE_AFTER_CANCEL_FILE).write_text("\n".join(run_ids))
+
     def effects(self) -> Counter[tuple[str, int]]:
         """How many times each ``(run_id, index)`` activity executed."""
         return Counter({key: len(times) for key, times in self.effect_times().items()})

@@ -22,8 +22,11 @@ Durability tests need two things from the code that runs in the worker:
   first time a named point of a run is reached, after leaving a marker file the test waits
   for; once the test has killed that process, a replay or re-run passes straight through.
   Activities pause with ``hold=True``, workflow code between two awaits with
-  ``pause_at=...``, and a driver between its commit and its publish when the file
-  ``pause-publish`` names a step number (see :func:`_pausing_publish_step`).
+  ``pause_at=...``, a driver between its commit and its publish when the file
+  ``pause-publish`` names a step number (see :func:`_pausing_publish_step`), and a
+  driver right after a commit that cancelled child steps, before anything that follows
+  it in memory, when the file ``pause-after-cancel`` names the run (see
+  :func:`_pausing_publish`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ PAUSE_LIMIT = 150.0
 EFFECTS_FILE = "effects.log"
 POISON_FILE = "poison"
 PAUSE_PUBLISH_FILE = "pause-publish"
+PAUSE_AFTER_CANCEL_FILE = "pause-after-cancel"
 
 
 def configure(app: Celery, env: Mapping[str, str]) -> Celery:
@@ -271,6 +275,23 @@ async def declined_checkout(order_id: str) -> str:
     return "unreachable"
 
 
+@durable_workflow
+async def family(depth: int, width: int = 2, hold: bool = False) -> str:
+    """``record(0)``, then wait for signal ``go`` alongside ``width`` child runs of
+    ``family(depth - 1)`` (none at depth 0); when cancelled, ``record(1)`` (its
+    compensation) and end cancelled. ``hold``: the first leaf below (this run itself at
+    depth 0) blocks in its ``record(0)``, once.
+    """
+    await record.s(0, hold=hold and depth == 0)
+    children = [family.s(depth - 1, width, hold and i == 0) for i in range(width)] if depth else []
+    try:
+        await asyncio.gather(workflow.wait_for_signal("go"), *children)
+    except asyncio.CancelledError:
+        await record.s(1)
+        raise
+    return "not cancelled"
+
+
 # -- pausing a driver between its commit and its publish ----------------------------------
 
 _publish_step = getattr(_driver, "publish_step", None)
@@ -291,6 +312,21 @@ def _pausing_publish_step(app: Celery, name: str, args: Any, *rest: Any, **kw: A
     _publish_step(app, name, args, *rest, **kw)
 
 
+_publish = _driver.RunDriver._publish
+
+
+def _pausing_publish(self: _driver.RunDriver, run: Any, plan: Any, committed: Any) -> None:
+    """``RunDriver._publish``, pausing (once per run) when the committed turn cancelled
+    child steps of a run named in the file ``pause-after-cancel``: the parent's decision
+    is committed, and nothing that follows it in memory (child wakes, step messages,
+    revokes) has happened yet."""
+    flag = _dir() / PAUSE_AFTER_CANCEL_FILE
+    cancelled_children = any(c.kind == "child" for c in committed.cancelled)
+    if cancelled_children and flag.exists() and self.run_id in flag.read_text().split():
+        pause_once(self.run_id, "after-cancel")
+    _publish(self, run, plan, committed)
+
+
 if "DURABLE_IT_DIR" in os.environ:  # a test's worker, not the pytest process importing this
     if not callable(_publish_step):  # pragma: no cover - guards a refactor of the driver
         raise RuntimeError(
@@ -298,5 +334,6 @@ if "DURABLE_IT_DIR" in os.environ:  # a test's worker, not the pytest process im
             "integration_tests/wfapp.py so the commit-then-publish kill test still pauses there"
         )
     _driver.publish_step = _pausing_publish_step  # type: ignore[attr-defined]
+    _driver.RunDriver._publish = _pausing_publish  # type: ignore[method-assign]
     if getattr(_republish, "publish_step", None) is _publish_step:
         _republish.publish_step = _pausing_publish_step  # type: ignore[attr-defined]

@@ -21,6 +21,7 @@ from celery_durable import (
     WorkflowHandle,
     WorkflowNotFoundError,
     WorkflowTerminatedError,
+    _config,
     durable_workflow,
     workflow,
 )
@@ -299,6 +300,42 @@ def test_terminating_a_parent_terminates_its_child(app: Celery) -> None:
     with pytest.raises(WorkflowTerminatedError, match="abandoned"):
         child.get(timeout=TIMEOUT)
     assert calls[f"refund:child-{key}"] == 0
+
+
+@durable_workflow
+async def grandparent_of_waiting_child(key: str) -> str:
+    return str(await parent_of_waiting_child.s(key))
+
+
+class Crash(BaseException):
+    """The client process dying (no ``except Exception`` stops it)."""
+
+
+def test_terminating_a_run_ends_its_whole_family_in_its_one_commit(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = new_id("terminate-tree")
+    root = grandparent_of_waiting_child.delay(key)
+    parent = child_of(root)
+    child = child_of(parent)
+    wait_until(has_step(child, "signal"), "the grandchild to wait")
+    store = _config.store_for(app)
+    commit = store.terminate
+
+    def commit_then_crash(*args: Any, **kwargs: Any) -> Any:
+        commit(*args, **kwargs)
+        raise Crash  # before the client does anything after the commit
+
+    monkeypatch.setattr(store, "terminate", commit_then_crash)
+    with pytest.raises(Crash):
+        root.terminate("abandoned")
+
+    assert [h.status for h in (root, parent, child)] == ["TERMINATED"] * 3
+    for handle in (root, parent, child):
+        assert {s.state for s in handle.history} == {"CANCELLED"}
+    with pytest.raises(WorkflowTerminatedError, match=f"with workflow .*{root.id}.*abandoned"):
+        child.get(timeout=TIMEOUT)
+    assert calls[f"refund:child-{key}"] == 0  # no code of any of them ran
 
 
 def test_terminating_a_child_fails_its_parent_with_the_termination(app: Celery) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import sys
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import pytest
 from celery import Celery, group, shared_task
 
 import celery_durable.driver._driver
+import celery_durable.worker._sweeper
 from celery_durable import (
     ActivityError,
     HistoryWriteError,
@@ -28,7 +30,9 @@ from celery_durable import (
 )
 from celery_durable._config import store_for
 from celery_durable.driver import RunDriver
+from celery_durable.store import _clock
 from celery_durable.testing import configure_embedded
+from celery_durable.worker import Sweeper
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -620,3 +624,76 @@ def test_a_turn_the_store_refuses_parks_the_run_as_stuck_with_the_reason(
     assert handle.status == "STUCK"
     with pytest.raises(HistoryWriteError, match="refused turn 1"):
         handle.get(timeout=1)
+
+
+@durable_workflow
+async def prices(sku: str) -> Any:
+    return await echo.s(sku)
+
+
+@durable_workflow
+async def buys(sku: str) -> Any:
+    return await prices.s(sku)
+
+
+class Crash(BaseException):
+    """The worker process dying (no ``except Exception`` stops it)."""
+
+
+def test_a_crash_right_after_a_parent_cancelling_commit_leaves_the_child_to_the_sweeper(
+    idle_app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle = buys.apply_async(("lamp",), workflow_id="crashing", app=idle_app)
+    store = _config.store_for(idle_app)
+    assert turn(idle_app, buys, "crashing") == "RUNNING"  # starts the child
+    assert turn(idle_app, prices, "crashing/1") == "RUNNING"  # which waits on its task
+    handle.cancel()
+
+    def crash(*args: Any) -> None:
+        raise Crash  # after the commit, before anything is published
+
+    with monkeypatch.context() as patched:
+        patched.setattr(RunDriver, "_publish", crash)
+        with pytest.raises(Crash):
+            turn(idle_app, buys, "crashing")
+
+    assert handle.status == "CANCELLED"
+    child = store.require_run("crashing/1")
+    assert (child.status, child.cancel_requested) == ("RUNNING", True)
+    # A stall period later the sweeper sends the wake the crash lost.
+    later = time.time() + 2 * _config.settings_for(idle_app).stall_timeout
+    monkeypatch.setattr(_clock, "now", lambda: later)
+    woken: list[str] = []
+    monkeypatch.setattr(
+        celery_durable.worker._sweeper,
+        "publish_wake",
+        lambda app, workflow, run_id, options, producer=None: woken.append(run_id),
+    )
+    assert Sweeper(idle_app, "sweeper-test", "sweeper@test").sweep()["woken"] == 1
+    assert woken == ["crashing/1"]
+    assert turn(idle_app, prices, "crashing/1") == "CANCELLED"
+
+
+def test_a_parent_cancelling_turn_publishes_its_children_wakes_from_the_commit(
+    idle_app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle = buys.apply_async(("desk",), workflow_id="cancelling", app=idle_app)
+    store = _config.store_for(idle_app)
+    assert turn(idle_app, buys, "cancelling") == "RUNNING"
+    assert turn(idle_app, prices, "cancelling/1") == "RUNNING"
+    handle.cancel()
+
+    def no_second_transaction(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the child's cancel request belongs in the parent's commit")
+
+    wakes: list[str] = []
+    monkeypatch.setattr(store, "request_cancel", no_second_transaction)
+    monkeypatch.setattr(
+        celery_durable.driver._driver,
+        "publish_wake",
+        lambda app, workflow, run_id, options, producer=None: wakes.append(run_id),
+    )
+
+    assert turn(idle_app, buys, "cancelling") == "CANCELLED"
+    assert wakes == ["cancelling/1"]
+    assert turn(idle_app, prices, "cancelling/1") == "CANCELLED"

@@ -159,12 +159,13 @@ class RunDriver:
 
     def _publish(self, run: RunRecord, plan: Messages, committed: TurnCommitted) -> None:
         """Send what the committed turn implies. A message lost here is re-sent by a sweeper."""
-        wakes = list(plan.children)
+        # Children of cancelled child steps were asked to cancel in the commit itself;
+        # only their wakes are left to send.
+        wakes = [*plan.children, *committed.cancelled_children]
         if committed.parent is not None:
             wakes.append(committed.parent)
-        to_cancel = [c for c in committed.cancelled if c.kind == "child" and c.child_id]
         to_revoke = [c.dispatch_id for c in committed.cancelled if c.kind == "activity"]
-        if not (plan.activities or wakes or to_cancel or to_revoke):
+        if not (plan.activities or wakes or to_revoke):
             return
         count = len(plan.activities) + len(wakes)
         with self.app.producer_or_acquire() as producer, batched(producer, count):
@@ -183,11 +184,6 @@ class RunDriver:
                     )
             for run_id, workflow, options in wakes:
                 publish_wake(self.app, workflow, run_id, options, producer=producer)
-        for step in to_cancel:
-            assert step.child_id is not None
-            wake = self.store.request_cancel(step.child_id, quiet=True)
-            if wake is not None:
-                publish_wake(self.app, wake[1], wake[0], wake[2])
         if to_revoke:
             # Best effort: a step that runs anyway has its outcome dropped.
             try:

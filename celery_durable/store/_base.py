@@ -148,6 +148,23 @@ class StoreBase:
             select(s.runs.c.id).where(s.runs.c.id == run_id).with_for_update(key_share=True)
         )
 
+    def _lock_parent_of(self, conn: Connection, run_id: str) -> None:
+        """Lock the row of the run's parent (if it has one) before the run's own row.
+
+        Between runs the lock order is parent before child: a parent's turn that cancels
+        a child holds the parent's row when it takes the child's, so a child's last
+        commit (which completes the parent's step and flags its wake) and a termination
+        take the parent's row first too. Otherwise each could hold one row and wait for
+        the other's. SQLite has one writer at a time and no row locks to order.
+        """
+        if self.dialect != "postgresql":
+            return
+        # parent_id is written once, when the run is created: reading it unlocked is safe.
+        parent = select(s.runs.c.parent_id).where(s.runs.c.id == run_id).scalar_subquery()
+        conn.execute(
+            select(s.runs.c.id).where(s.runs.c.id == parent).with_for_update(key_share=True)
+        )
+
     def _flag_wake(
         self, conn: Connection, run_id: str, at: float, locked: bool = False
     ) -> RunWake | None:

@@ -4,8 +4,10 @@ park and resume it."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import Connection, and_, func, insert, select, update
 
 from ..errors import DurableError, SignalError, WorkflowNotFoundError
 from . import _clock
@@ -16,6 +18,7 @@ from ._records import (
     DONE,
     FAILURE,
     FINISHED,
+    NOT_FINISHED,
     OPEN_STEP_STATES,
     PENDING,
     RUNNING,
@@ -25,10 +28,12 @@ from ._records import (
     CancelledStep,
     Dispatch,
     ErrorInfo,
+    RunRecord,
+    Termination,
     TurnWrite,
     run_record,
 )
-from ._turns import TurnWrites
+from ._turns import CHILD, TurnWrites
 
 __all__ = ["RunControl"]
 
@@ -97,11 +102,9 @@ class RunControl(TurnWrites):
             self._give_signal(conn, run_id, wait, content_type, payload, at)
             return self._flag_wake(conn, run_id, at, locked=True)
 
-    def request_cancel(self, run_id: str, quiet: bool = False) -> RunWake | None:
-        """Ask a run to cancel; returns it to wake (None if a wake is already pending).
-
-        With ``quiet`` (a parent cancelling its child), a finished or missing run is not
-        an error: there is simply nothing to do.
+    def request_cancel(self, run_id: str) -> RunWake | None:
+        """Ask a run to cancel; returns it to wake (None if a wake is already pending or
+        it was asked before).
 
         Raises:
             WorkflowNotFoundError: no such run.
@@ -109,9 +112,12 @@ class RunControl(TurnWrites):
         """
         at = _clock.now()
         with self._transaction() as conn:
-            row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
-            if quiet and (row is None or row.status in FINISHED):
-                return None
+            asked, wake = self._ask_to_cancel(conn, run_id, at)
+            if asked:
+                return wake
+            row = conn.execute(
+                select(s.runs.c.status, s.runs.c.workflow).where(s.runs.c.id == run_id)
+            ).first()
             if row is None:
                 raise WorkflowNotFoundError(f"no workflow run with id {run_id!r} to cancel")
             if row.status in FINISHED:
@@ -119,19 +125,25 @@ class RunControl(TurnWrites):
                     f"workflow {row.workflow}[{run_id}] has already finished ({row.status}); "
                     "there is nothing to cancel"
                 )
-            if row.cancel_requested:
-                return None
-            conn.execute(
-                update(s.runs)
-                .where(s.runs.c.id == run_id)
-                .values(cancel_requested=True, updated_at=at)
-            )
-            return self._flag_wake(conn, run_id, at)
+            return None  # asked before: that request's wake (or the sweeper) delivers it
 
     def terminate(
-        self, run_id: str, error: ErrorInfo
-    ) -> tuple[list[CancelledStep], RunWake | None]:
-        """End a run now without running its code; returns its open steps and parent wake.
+        self,
+        run_id: str,
+        error: ErrorInfo,
+        descendant_error: Callable[[RunRecord], ErrorInfo] | None = None,
+    ) -> Termination:
+        """End a run and every open descendant now, without running their code.
+
+        In one transaction: the run and its descendants (children, their children, and
+        so on) become TERMINATED, their open steps CANCELLED, and the terminated run's
+        step in its parent (if it is a child) completes with ``error``. The caller is
+        left to revoke tasks and wake the parent, both best effort: nothing is left for
+        a crash to lose. ``descendant_error`` describes a descendant's termination
+        (default: ``error``).
+
+        Rows are locked parent run, the run, its steps, then each generation of
+        descendants in id order (parent before child, see :meth:`_lock_parent_of`).
 
         Raises:
             WorkflowNotFoundError: no such run.
@@ -139,34 +151,91 @@ class RunControl(TurnWrites):
         """
         at = _clock.now()
         with self._transaction() as conn:
-            row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
-            if row is None:
-                raise WorkflowNotFoundError(f"no workflow run with id {run_id!r} to terminate")
-            if row.status in FINISHED:
-                raise DurableError(
-                    f"workflow {row.workflow}[{run_id}] has already finished ({row.status}); "
-                    "there is nothing to terminate"
-                )
-            conn.execute(
+            self._lock_parent_of(conn, run_id)
+            row = conn.execute(
                 update(s.runs)
-                .where(s.runs.c.id == run_id)
+                .where(and_(s.runs.c.id == run_id, s.runs.c.status.in_(NOT_FINISHED)))
                 .values(status=TERMINATED, error=error, finished_at=at, updated_at=at)
-            )
-            open_seqs = (
-                conn.execute(
-                    select(s.steps.c.seq).where(
-                        and_(s.steps.c.run_id == run_id, s.steps.c.state.in_(OPEN_STEP_STATES))
-                    )
+                .returning(s.runs.c.turn, s.runs.c.parent_id, s.runs.c.parent_seq)
+            ).first()
+            if row is None:
+                self._refuse_to_terminate(conn, run_id)
+            cancelled = self._cancel_open_steps(conn, run_id, at)
+            ended = [run_id]
+            generation = [run_id]
+            while generation:
+                generation = self._terminate_children(
+                    conn, generation, descendant_error or (lambda _run: error), at, cancelled
                 )
-                .scalars()
-                .all()
-            )
-            cancelled = self._cancel_steps(conn, run_id, list(open_seqs), at)
+                ended.extend(generation)
             parent = None
             if row.parent_id is not None:
                 write = TurnWrite(turn=row.turn, at=at, status=TERMINATED, error=error)
                 parent = self._complete_parent_step(conn, row.parent_id, row.parent_seq, write, at)
-            return cancelled, parent
+            return Termination(runs=ended, cancelled=cancelled, parent=parent)
+
+    @staticmethod
+    def _refuse_to_terminate(conn: Connection, run_id: str) -> NoReturn:
+        row = conn.execute(
+            select(s.runs.c.status, s.runs.c.workflow).where(s.runs.c.id == run_id)
+        ).first()
+        if row is None:
+            raise WorkflowNotFoundError(f"no workflow run with id {run_id!r} to terminate")
+        raise DurableError(
+            f"workflow {row.workflow}[{run_id}] has already finished ({row.status}); "
+            "there is nothing to terminate"
+        )
+
+    def _cancel_open_steps(self, conn: Connection, run_id: str, at: float) -> list[CancelledStep]:
+        open_seqs = (
+            conn.execute(
+                select(s.steps.c.seq).where(
+                    and_(s.steps.c.run_id == run_id, s.steps.c.state.in_(OPEN_STEP_STATES))
+                )
+            )
+            .scalars()
+            .all()
+        )
+        return self._cancel_steps(conn, run_id, list(open_seqs), at)
+
+    def _terminate_children(
+        self,
+        conn: Connection,
+        parents: Sequence[str],
+        error_for: Callable[[RunRecord], ErrorInfo],
+        at: float,
+        cancelled: list[CancelledStep],
+    ) -> list[str]:
+        """Terminate the open child runs of ``parents`` (already terminated in this
+        transaction) and cancel their open steps (added to ``cancelled``); returns them.
+
+        Children are found through their parents' child steps in any state: a child whose
+        step was cancelled earlier may still be running its cleanup.
+        """
+        started = select(s.steps.c.child_id).where(
+            and_(s.steps.c.run_id.in_(list(parents)), s.steps.c.kind == CHILD)
+        )
+        rows = conn.execute(
+            select(s.runs).where(and_(s.runs.c.id.in_(started), s.runs.c.status.in_(NOT_FINISHED)))
+        ).all()
+        ended = []
+        # One conditional update per child, in id order: siblings are locked in the same
+        # order by every transaction that takes more than one of them.
+        for child in sorted(rows, key=lambda r: str(r.id)):
+            moved = conn.execute(
+                update(s.runs)
+                .where(and_(s.runs.c.id == child.id, s.runs.c.status.in_(NOT_FINISHED)))
+                .values(
+                    status=TERMINATED,
+                    error=error_for(run_record(child)),
+                    finished_at=at,
+                    updated_at=at,
+                )
+            ).rowcount
+            if moved:
+                cancelled.extend(self._cancel_open_steps(conn, child.id, at))
+                ended.append(str(child.id))
+        return ended
 
     def park(self, run_id: str, turn: int, status: str, error: ErrorInfo) -> bool:
         """Stop a run at ``turn`` (without recording a new turn), keeping its history."""

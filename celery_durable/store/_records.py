@@ -19,6 +19,7 @@ __all__ = [
     "DONE",
     "FAILURE",
     "FINISHED",
+    "NOT_FINISHED",
     "OPEN_STEP_STATES",
     "PENDING",
     "RUNNING",
@@ -35,6 +36,7 @@ __all__ = [
     "NewStep",
     "RunRecord",
     "StepRecord",
+    "Termination",
     "TurnCommitted",
     "TurnStart",
     "TurnWrite",
@@ -52,6 +54,8 @@ PENDING, RUNNING, SUCCESS, FAILURE, STUCK = "PENDING", "RUNNING", "SUCCESS", "FA
 CANCELLED, TERMINATED = "CANCELLED", "TERMINATED"
 ACTIVE = (PENDING, RUNNING)
 FINISHED = (SUCCESS, FAILURE, CANCELLED, TERMINATED)
+#: A run that can still be cancelled or terminated (a STUCK run resumes some day).
+NOT_FINISHED = (*ACTIVE, STUCK)
 
 # Step states. CANCELLED: nobody waits for the step any more.
 SCHEDULED, CLAIMED, DONE, DELIVERED = "SCHEDULED", "CLAIMED", "DONE", "DELIVERED"
@@ -160,6 +164,22 @@ class TurnCommitted:
     signals_matched: bool
     cancelled: list[CancelledStep]
     #: A finished child's parent, to wake: (run id, workflow, driver options).
+    parent: tuple[str, str, Mapping[str, Any]] | None
+    #: Child runs of cancelled child steps that this commit asked to cancel and whose
+    #: wake flag it set, to wake (a wake lost here is re-sent by the sweeper).
+    cancelled_children: list[tuple[str, str, Mapping[str, Any]]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Termination:
+    """What :meth:`Store.terminate` ended in its one transaction, for the caller to
+    follow up on (best effort: nothing here is needed for the runs to stay ended)."""
+
+    #: The run and each descendant it terminated, parents before their children.
+    runs: list[str]
+    #: The open steps of all of them, now cancelled (tasks to revoke).
+    cancelled: list[CancelledStep]
+    #: The terminated run's parent, to wake: its child step now holds the termination.
     parent: tuple[str, str, Mapping[str, Any]] | None
 
 

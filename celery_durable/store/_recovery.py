@@ -213,40 +213,47 @@ class Recovery(StepClaims):
             .where(and_(s.steps.c.state == DONE, s.steps.c.completed_at < cutoff))
             .scalar_subquery()
         )
-        with self._transaction() as conn:
-            rows = conn.execute(
-                select(s.runs)
-                .where(
-                    and_(
-                        s.runs.c.status.in_(ACTIVE),
-                        or_(s.runs.c.wake_sent_at.is_(None), s.runs.c.wake_sent_at < cutoff),
-                        or_(
-                            and_(
-                                s.runs.c.turn == 0,
-                                s.runs.c.updated_at < cutoff,
-                                # A run never driven is most often just queued behind a
-                                # burst of starts. Waiting as long again as it has waited
-                                # (up to 64 periods) before each new wake keeps a backlog
-                                # from being flooded with copies of its own wakes.
-                                or_(
-                                    s.runs.c.wake_sent_at - s.runs.c.created_at
-                                    <= now - s.runs.c.wake_sent_at,
-                                    s.runs.c.wake_sent_at < now - 64 * older_than,
-                                ),
-                            ),
-                            s.runs.c.id.in_(has_outcome),
-                            and_(
-                                s.runs.c.cancel_requested.is_(True),
-                                s.runs.c.cancel_turn.is_(None),
-                                s.runs.c.updated_at < cutoff,
+        candidates = (
+            select(s.runs)
+            .where(
+                and_(
+                    s.runs.c.status.in_(ACTIVE),
+                    or_(s.runs.c.wake_sent_at.is_(None), s.runs.c.wake_sent_at < cutoff),
+                    or_(
+                        and_(
+                            s.runs.c.turn == 0,
+                            s.runs.c.updated_at < cutoff,
+                            # A run never driven is most often just queued behind a
+                            # burst of starts. Waiting as long again as it has waited
+                            # (up to 64 periods) before each new wake keeps a backlog
+                            # from being flooded with copies of its own wakes.
+                            or_(
+                                s.runs.c.wake_sent_at - s.runs.c.created_at
+                                <= now - s.runs.c.wake_sent_at,
+                                s.runs.c.wake_sent_at < now - 64 * older_than,
                             ),
                         ),
-                        true() if workflows is None else s.runs.c.workflow.in_(list(workflows)),
-                        true() if not exclude else s.runs.c.workflow.not_in(list(exclude)),
-                    )
+                        s.runs.c.id.in_(has_outcome),
+                        and_(
+                            s.runs.c.cancel_requested.is_(True),
+                            s.runs.c.cancel_turn.is_(None),
+                            s.runs.c.updated_at < cutoff,
+                        ),
+                    ),
+                    true() if workflows is None else s.runs.c.workflow.in_(list(workflows)),
+                    true() if not exclude else s.runs.c.workflow.not_in(list(exclude)),
                 )
-                .limit(limit)
-            ).all()
+            )
+            .limit(limit)
+        )
+        if self.dialect == "postgresql":
+            # The runs are taken in the order found, which is no lock order: skipping a
+            # row another transaction holds (a turn, a termination locking a parent and
+            # its children) means this sweeper never waits while holding other runs, so
+            # it can never be part of a deadlock. A skipped run is found next sweep.
+            candidates = candidates.with_for_update(skip_locked=True, key_share=True)
+        with self._transaction() as conn:
+            rows = conn.execute(candidates).all()
             taken = []
             for row in rows:
                 moved = conn.execute(

@@ -18,6 +18,7 @@ from ._base import RunWake, StoreBase, step_is
 from ._records import (
     DONE,
     FINISHED,
+    NOT_FINISHED,
     OPEN_STEP_STATES,
     PENDING,
     SCHEDULED,
@@ -34,6 +35,9 @@ from ._records import (
 )
 
 __all__ = ["TurnWrites"]
+
+#: The kind of a step that started a child run.
+CHILD = "child"
 
 
 class TurnWrites(StoreBase):
@@ -72,9 +76,12 @@ class TurnWrites(StoreBase):
 
         Returns None when another turn moved the run first (nothing is written). In one
         transaction: delivered steps are marked, new steps inserted (signal waits matched
-        with buffered signals), cancelled steps closed, child runs created, the run's
-        status, progress and result set, and a finished child's outcome recorded on its
-        parent's step.
+        with buffered signals), cancelled steps closed and the child runs of cancelled
+        child steps asked to cancel, child runs created, the run's status, progress and
+        result set, and a finished child's outcome recorded on its parent's step.
+
+        Rows are locked parent run, this run, its steps, then its children's runs (see
+        :meth:`_lock_parent_of`); the parent's row only when the run finishes.
         """
         turn, at = write.turn, write.at
         # Turn, status and time are bound parameters of the prebuilt fenced update; only
@@ -93,7 +100,11 @@ class TurnWrites(StoreBase):
             extra["cancel_at"] = at
         key = {"b_run": run_id, "b_turn": turn, "b_next": turn + 1, "b_at": at}
         advance = self._hot.advance.values(**extra) if extra else self._hot.advance
+        finishing = write.status in FINISHED
         with self._transaction() as conn:
+            if finishing:
+                # This commit may complete the parent's step and flag its wake.
+                self._lock_parent_of(conn, run_id)
             advance_result = conn.execute(advance, {**key, "b_status": write.status})
             row = advance_result.first()
             if row is None:
@@ -111,6 +122,9 @@ class TurnWrites(StoreBase):
             for child in write.children:
                 conn.execute(insert(s.runs).values(**run_row(child, at)))
             cancelled = self._cancel_steps(conn, run_id, write.cancelled, at)
+            # In this commit, not after it: a crash between the two would leave the
+            # children running with nobody waiting for them.
+            cancelled_children = self._cancel_children(conn, cancelled, at)
             # Matching reads every step of the run, so only a turn that adds a wait, or
             # gives a cancelled wait's signal back, does it: a signal that finds its wait
             # already there is matched by send_signal.
@@ -120,11 +134,16 @@ class TurnWrites(StoreBase):
             ):
                 signals_matched = self._match_signals(conn, run_id, at)
             parent = None
-            if write.status in FINISHED and row.parent_id is not None:
+            if finishing and row.parent_id is not None:
                 parent = self._complete_parent_step(conn, row.parent_id, row.parent_seq, write, at)
             if write.restart is not None:
                 self._restart(conn, run_id, write.restart, at)
-        return TurnCommitted(signals_matched=signals_matched, cancelled=cancelled, parent=parent)
+        return TurnCommitted(
+            signals_matched=signals_matched,
+            cancelled=cancelled,
+            parent=parent,
+            cancelled_children=cancelled_children,
+        )
 
     def _cancel_steps(
         self, conn: Connection, run_id: str, seqs: Sequence[int], at: float
@@ -154,6 +173,44 @@ class TurnWrites(StoreBase):
                 .values(consumed_seq=None)
             )
         return [CancelledStep(r.seq, r.kind, r.dispatch_id, r.child_id) for r in rows]
+
+    def _cancel_children(
+        self, conn: Connection, cancelled: Sequence[CancelledStep], at: float
+    ) -> list[RunWake]:
+        """Ask the child run of each cancelled child step to cancel; returns the wakes.
+
+        The caller holds the parent's row, so each child's row is taken after it (parent
+        before child, see :meth:`_lock_parent_of`), and siblings in id order.
+        """
+        wakes = []
+        for child_id in sorted({c.child_id for c in cancelled if c.kind == CHILD and c.child_id}):
+            _asked, wake = self._ask_to_cancel(conn, child_id, at)
+            if wake is not None:
+                wakes.append(wake)
+        return wakes
+
+    def _ask_to_cancel(
+        self, conn: Connection, run_id: str, at: float
+    ) -> tuple[bool, RunWake | None]:
+        """Set the run's cancel request and its wake flag, unless it has finished or was
+        asked already; returns whether it was asked now, and the wake to publish."""
+        asked = conn.execute(
+            update(s.runs)
+            .where(
+                and_(
+                    s.runs.c.id == run_id,
+                    s.runs.c.status.in_(NOT_FINISHED),
+                    s.runs.c.cancel_requested.is_not(True),
+                )
+            )
+            .values(cancel_requested=True, updated_at=at)
+        ).rowcount
+        if not asked:
+            return False, None
+        # The update above holds the row. A driver whose turn read the run before this
+        # commit cleared the flag first, so the flag is set again here and it (or the
+        # sweeper, should the wake be lost) delivers the cancellation in a later turn.
+        return True, self._flag_wake(conn, run_id, at, locked=True)
 
     def _match_signals(self, conn: Connection, run_id: str, at: float) -> bool:
         """Give buffered signals to waiting steps of the same name, oldest to oldest."""
@@ -217,6 +274,10 @@ class TurnWrites(StoreBase):
     def _complete_parent_step(
         self, conn: Connection, parent_id: str, parent_seq: int | None, write: TurnWrite, at: float
     ) -> RunWake | None:
+        """Record a finished child's end on its parent's step and flag the parent's wake.
+
+        The caller has locked the parent's row first (:meth:`_lock_parent_of`).
+        """
         values: dict[str, Any] = {"state": DONE, "completed_at": at}
         if write.status == SUCCESS and write.result is not None:
             values.update(outcome="ok", content_type=write.result[0], result=write.result[1])
@@ -227,7 +288,7 @@ class TurnWrites(StoreBase):
         ).rowcount
         if not moved:
             return None
-        return self._flag_wake(conn, parent_id, at)
+        return self._flag_wake(conn, parent_id, at, locked=True)
 
     def _restart(
         self, conn: Connection, run_id: str, new_input: tuple[str, bytes], at: float
