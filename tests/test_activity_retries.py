@@ -96,11 +96,11 @@ def test_a_failing_activity_is_retried_on_durable_timers(app: Celery, cache_size
         ("timer", "DELIVERED"),
         ("activity", "DELIVERED"),
     ]
-    # Each wait is the policy's interval after the failure was seen: 0.05 s, then 0.1 s.
+    # Each wait is the policy's interval after the turn that saw the failure committed
+    # (by the database's clock, like the deadline): 0.05 s, then 0.1 s.
     records = store_for(app).history(handle.id)
-    seen_at = {r.observed_turn: r.observed_at for r in records if r.kind == "activity"}
-    waits = [(r.due_at or 0.0) - seen_at[r.created_turn] for r in records if r.kind == "timer"]
-    assert waits == pytest.approx([0.05, 0.1], abs=1e-5)  # datetimes keep microseconds
+    waits = [(r.due_at or 0.0) - r.dispatched_at for r in records if r.kind == "timer"]
+    assert waits == pytest.approx([0.05, 0.1], abs=1e-5)
 
 
 def test_retries_stop_after_max_attempts_with_the_task_s_exception(app: Celery) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import sys
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from typing import Any
 
 import pytest
 from celery import Celery, group, shared_task
+from sqlalchemy import update
 
 import celery_durable.driver._driver
 import celery_durable.worker._sweeper
@@ -30,7 +30,7 @@ from celery_durable import (
 )
 from celery_durable._config import store_for
 from celery_durable.driver import RunDriver
-from celery_durable.store import _clock
+from celery_durable.store import _schema
 from celery_durable.testing import configure_embedded
 from celery_durable.worker import Sweeper
 
@@ -660,9 +660,14 @@ def test_a_crash_right_after_a_parent_cancelling_commit_leaves_the_child_to_the_
     assert handle.status == "CANCELLED"
     child = store.require_run("crashing/1")
     assert (child.status, child.cancel_requested) == ("RUNNING", True)
-    # A stall period later the sweeper sends the wake the crash lost.
-    later = time.time() + 2 * _config.settings_for(idle_app).stall_timeout
-    monkeypatch.setattr(_clock, "now", lambda: later)
+    # A stall period later the sweeper sends the wake the crash lost: the store's times
+    # (all from the database's clock) are moved back by two periods.
+    aged = 2 * _config.settings_for(idle_app).stall_timeout
+    with store.engine.begin() as conn:
+        for table in (_schema.runs, _schema.steps):
+            conn.execute(
+                update(table).values({c: c - aged for c in table.c if c.name.endswith("_at")})
+            )
     woken: list[str] = []
     monkeypatch.setattr(
         celery_durable.worker._sweeper,

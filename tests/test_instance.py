@@ -490,8 +490,30 @@ def test_sleep_with_a_delay_is_a_durable_timer_step() -> None:
         return "woke"
 
     instance = make(wf)
-    assert instance.activate([], T0) == [StartTimer(1, 5.0)]
+    assert instance.activate([], T0) == [StartTimer(1, 5.0, delay=5.0)]
     assert instance.activate([ok(1, None)], T0 + timedelta(seconds=5)) == [CompleteWorkflow("woke")]
+
+
+def test_a_timer_counts_its_delay_from_the_turn_and_code_after_it_never_sees_an_earlier_time() -> (
+    None
+):
+    async def wf() -> tuple[datetime, datetime]:
+        before = workflow.now()
+        await asyncio.sleep(5)
+        after = workflow.now()
+        await asyncio.sleep(1)
+        return before, after
+
+    instance = make(wf)
+    # The store counts the delay from its own clock when the turn commits.
+    assert instance.activate([], T0) == [StartTimer(1, 5.0, delay=5.0)]
+    # The timer went off by the store's clock; the host running the next turn is a
+    # minute behind it. The workflow's clock still moves to the deadline, never back.
+    [second] = instance.activate([ok(1)], T0 - timedelta(seconds=60))
+    assert second == StartTimer(2, 6.0, delay=1.0)
+    [done] = instance.activate([ok(2)], T0 - timedelta(seconds=60))
+    assert isinstance(done, CompleteWorkflow)
+    assert done.result == (T0, T0 + timedelta(seconds=5))
 
 
 def test_run_in_executor_fails_the_workflow_with_workflow_await_error() -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from dbclock import DbClock
 from sqlalchemy import MetaData, Table, create_engine, insert, inspect, select, update
 
 from celery_durable import store as _store
@@ -32,7 +34,7 @@ from celery_durable.store import (
     Store,
     TurnCommitted,
     TurnWrite,
-    _clock,
+    WorkerInfo,
     _schema,
 )
 
@@ -40,22 +42,12 @@ JSON = "application/json"
 T0 = 1_700_000_000.0
 
 
-class Clock:
-    """The store's idea of "now", moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def advance(self, seconds: float) -> float:
-        self.now += seconds
-        return self.now
-
-
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    clock = Clock()
-    monkeypatch.setattr(_clock, "now", lambda: clock.now)
-    return clock
+def clock(url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[DbClock]:
+    """The database's clock at T0, moved by hand (stores opened after it read it)."""
+    clock = DbClock(url, monkeypatch, T0)
+    yield clock
+    clock.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -80,7 +72,7 @@ def open_store(url: str) -> Iterator[Callable[[], Store]]:
 
 
 @pytest.fixture
-def store(open_store: Callable[[], Store], clock: Clock) -> Store:
+def store(open_store: Callable[[], Store], clock: DbClock) -> Store:
     return open_store()
 
 
@@ -124,7 +116,7 @@ def start(store: Store, *names: str, run_id: str = "run-1") -> None:
     create(store, run_id)
     begun = store.begin_turn(run_id)
     assert begun is not None and begun.run.turn == 0
-    assert commit(store, run_id, 0, [], new_steps(*names), _clock.now())
+    assert commit(store, run_id, 0, [], new_steps(*names), T0)
 
 
 def states(store: Store, run_id: str = "run-1") -> dict[int, str]:
@@ -173,7 +165,7 @@ def test_concurrent_creates_of_one_id_create_one_run(open_store: Callable[[], St
     assert sorted(created) == [False, False, False, True]
 
 
-def test_reading_runs(store: Store, clock: Clock) -> None:
+def test_reading_runs(store: Store, clock: DbClock) -> None:
     create(store, "run-a", "shop.checkout")
     clock.advance(1)
     create(store, "run-b", "shop.refund")
@@ -193,7 +185,9 @@ def test_reading_runs(store: Store, clock: Clock) -> None:
 # -- driver turns -------------------------------------------------------------------------
 
 
-def test_a_turn_delivers_outcomes_schedules_steps_and_finishes(store: Store, clock: Clock) -> None:
+def test_a_turn_delivers_outcomes_schedules_steps_and_finishes(
+    store: Store, clock: DbClock
+) -> None:
     start(store, "charge", "reserve")
     run = store.require_run("run-1")
     assert (run.status, run.turn, run.started_at) == (RUNNING, 1, T0)
@@ -251,7 +245,7 @@ def test_commit_turn_is_fenced_on_the_turn(store: Store) -> None:
 
 
 def test_two_racing_commits_at_one_turn_exactly_one_wins(
-    open_store: Callable[[], Store], clock: Clock
+    open_store: Callable[[], Store], clock: DbClock
 ) -> None:
     first, second = open_store(), open_store()
     start(first, "charge")
@@ -383,11 +377,11 @@ POLICY = LossPolicy(max_losses=2, backoff=1.0)
 
 
 def test_a_claim_nobody_renews_expires_and_is_sent_again_after_its_backoff(
-    store: Store, clock: Clock
+    store: Store, clock: DbClock
 ) -> None:
     start(store, "charge", "reserve")
-    store.heartbeat("worker-a", "host-a", 100)
-    store.heartbeat("worker-b", "host-b", 200)
+    store.heartbeat(WorkerInfo("worker-a", "host-a", 100))
+    store.heartbeat(WorkerInfo("worker-b", "host-b", 200))
     assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
     assert store.claim_step("run-1", 2, "dispatch-2", "worker-b", 0)
 
@@ -421,7 +415,9 @@ def test_a_claim_nobody_renews_expires_and_is_sent_again_after_its_backoff(
     assert store.claim_step("run-1", 1, step.dispatch_id, "worker-b", 0)
 
 
-def test_expired_leases_are_left_alone_when_the_caller_says_so(store: Store, clock: Clock) -> None:
+def test_expired_leases_are_left_alone_when_the_caller_says_so(
+    store: Store, clock: DbClock
+) -> None:
     start(store, "charge")
     assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
     clock.advance(100)
@@ -430,10 +426,10 @@ def test_expired_leases_are_left_alone_when_the_caller_says_so(store: Store, clo
 
 
 def test_claims_of_a_cleanly_stopped_worker_are_released_at_once_and_not_counted(
-    store: Store, clock: Clock
+    store: Store, clock: DbClock
 ) -> None:
     start(store, "charge")
-    store.heartbeat("worker-a", "host-a", 100)
+    store.heartbeat(WorkerInfo("worker-a", "host-a", 100))
     assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
     store.worker_stopped("worker-a")
     assert store.release_expired_claims(3600, POLICY) == []
@@ -442,13 +438,62 @@ def test_claims_of_a_cleanly_stopped_worker_are_released_at_once_and_not_counted
     assert [d.seq for d in store.take_due_steps()] == [1]
 
 
-def test_a_restarted_node_name_marks_its_old_instance_dead(store: Store) -> None:
-    start(store, "charge")
-    store.heartbeat("celery@host:1:aaaa", "celery@host", 1)
-    assert store.claim_step("run-1", 1, "dispatch-1", "celery@host:1:aaaa", 0)
-    store.heartbeat("celery@host:2:bbbb", "celery@host", 2)  # same node name, new process
+def test_a_worker_starting_under_a_node_name_leaves_the_others_of_that_name_alone(
+    store: Store,
+) -> None:
+    # Two replicas started with one -n: Celery only warns, and both run steps.
+    start(store, "charge", "reserve")
+    first = WorkerInfo("celery@host:1:aaaa", "celery@host", 1, "boot/pid:[1]", "100")
+    twin = WorkerInfo("celery@host:2:bbbb", "celery@host", 2, "boot/pid:[1]", "200")
+    elsewhere = WorkerInfo("celery@host:1:cccc", "celery@host", 1, "other/pid:[1]", "100")
+    for worker in (first, twin, elsewhere):
+        store.heartbeat(worker)
+    assert store.claim_step("run-1", 1, "dispatch-1", first.id, 0)
+    assert store.claim_step("run-1", 2, "dispatch-2", twin.id, 0)
+    # A new worker of that name is the successor of neither until it sees one is gone.
+    new = WorkerInfo("celery@host:3:dddd", "celery@host", 3, "boot/pid:[1]", "300")
+    store.heartbeat(new)
+    assert store.release_expired_claims(3600, POLICY) == []
+    assert states(store) == {1: CLAIMED, 2: CLAIMED}
+    # It is shown the others of its name on its own machine (only there can it look)...
+    assert sorted(w.id for w in store.live_workers_named(new)) == [first.id, twin.id]
+    assert store.live_workers_named(WorkerInfo("x:9:eeee", "celery@host", 9)) == []
+    # ...and retires the one whose process is dead: only that one's claims are released.
+    assert store.retire_workers([first.id]) == 1
+    assert store.retire_workers([first.id]) == 0
     store.release_expired_claims(3600, POLICY)
-    assert states(store) == {1: SCHEDULED}
+    assert states(store) == {1: SCHEDULED, 2: CLAIMED}
+    assert [w.id for w in store.live_workers_named(new)] == [twin.id]
+
+
+@pytest.mark.parametrize("offset", [-3600.0, 3600.0], ids=["writer-behind", "writer-ahead"])
+def test_a_host_clock_an_hour_off_moves_no_decision_of_the_store(
+    open_store: Callable[[], Store], monkeypatch: pytest.MonkeyPatch, offset: float
+) -> None:
+    # One host writes with its clock an hour off, another one, two hours off the other
+    # way, decides: no claim, message, outcome or timer looks older or newer than it is.
+    store = open_store()
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + offset)
+    start(store, "charge", "reserve", "ship")
+    store.heartbeat(WorkerInfo("worker-a", "host-a", 100))
+    assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
+    assert store.record_outcome("run-1", 2, result=ok()) == (True, True)
+    create(store, "timed")
+    assert store.begin_turn("timed") is not None
+    timer = NewStep(1, "timer", "sleep", JSON, b"null", "t-1", due_in=300)
+    assert commit(store, "timed", 0, [], [timer], real() + offset)
+
+    monkeypatch.setattr(time, "time", lambda: real() - offset)
+    assert store.release_expired_claims(30, POLICY) == []
+    assert states(store) == {1: CLAIMED, 2: DONE, 3: SCHEDULED}
+    assert store.stale_dispatches(older_than=10) == []
+    assert store.runs_to_wake(older_than=10) == []
+    assert store.fire_due_timers() == []
+    assert store.take_due_steps() == []
+    [step] = store.history("timed")
+    assert step.due_at is not None
+    assert step.due_at - step.dispatched_at == pytest.approx(300.0)
 
 
 def test_release_step_only_moves_claimed_steps_and_only_of_their_holder(store: Store) -> None:
@@ -462,7 +507,9 @@ def test_release_step_only_moves_claimed_steps_and_only_of_their_holder(store: S
     assert states(store) == {1: SCHEDULED}
 
 
-def test_a_step_lost_once_too_often_fails_with_step_lost_error(store: Store, clock: Clock) -> None:
+def test_a_step_lost_once_too_often_fails_with_step_lost_error(
+    store: Store, clock: DbClock
+) -> None:
     start(store, "charge")
     for loss in (1, 2):
         [step] = store.history("run-1")
@@ -501,11 +548,13 @@ def test_a_requeued_message_gives_back_only_its_own_holders_claim(store: Store) 
     assert (step.state, step.losses) == (SCHEDULED, 1)
 
 
-def test_a_heartbeat_after_a_clean_stop_is_a_live_worker_again(store: Store, clock: Clock) -> None:
+def test_a_heartbeat_after_a_clean_stop_is_a_live_worker_again(
+    store: Store, clock: DbClock
+) -> None:
     start(store, "charge")
-    store.heartbeat("worker-a", "host-a", 100)
+    store.heartbeat(WorkerInfo("worker-a", "host-a", 100))
     store.worker_stopped("worker-a")
-    store.heartbeat("worker-a", "host-a", 100)
+    store.heartbeat(WorkerInfo("worker-a", "host-a", 100))
     assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
     assert store.release_expired_claims(3600, POLICY) == []
     assert states(store) == {1: CLAIMED}
@@ -524,7 +573,9 @@ def test_an_outcome_written_again_after_a_failure_still_flags_its_wake(store: St
     assert store.record_outcome("run-1", 1, result=ok(), retrying=True) == (False, True)
 
 
-def test_stale_dispatches_back_off_and_are_taken_by_one_sweeper(store: Store, clock: Clock) -> None:
+def test_stale_dispatches_back_off_and_are_taken_by_one_sweeper(
+    store: Store, clock: DbClock
+) -> None:
     start(store, "charge")  # dispatched at T0
 
     clock.advance(10)
@@ -547,7 +598,7 @@ def test_stale_dispatches_back_off_and_are_taken_by_one_sweeper(store: Store, cl
     assert store.history("run-1")[0].dispatch_id == "dispatch-1"
 
 
-def test_claimed_and_finished_steps_are_never_stale(store: Store, clock: Clock) -> None:
+def test_claimed_and_finished_steps_are_never_stale(store: Store, clock: DbClock) -> None:
     start(store, "a", "b", "c")
     assert store.claim_step("run-1", 1, "dispatch-1", "worker-a", 0)
     store.record_outcome("run-1", 2, result=ok())
@@ -555,7 +606,9 @@ def test_claimed_and_finished_steps_are_never_stale(store: Store, clock: Clock) 
     assert [d.seq for d in store.stale_dispatches(older_than=10)] == [3]
 
 
-def test_stale_dispatches_race_has_one_taker(open_store: Callable[[], Store], clock: Clock) -> None:
+def test_stale_dispatches_race_has_one_taker(
+    open_store: Callable[[], Store], clock: DbClock
+) -> None:
     stores = [open_store() for _ in range(4)]
     for i, s in enumerate(stores):
         start(s, "a", "b", run_id=f"run-{i}")
@@ -578,12 +631,12 @@ def test_stale_dispatches_race_has_one_taker(open_store: Callable[[], Store], cl
     assert sorted(taken) == [(f"run-{i}", seq) for i in range(4) for seq in (1, 2)]
 
 
-def test_due_timers_fire_only_for_the_workflows_asked(store: Store, clock: Clock) -> None:
+def test_due_timers_fire_only_for_the_workflows_asked(store: Store, clock: DbClock) -> None:
     # Two apps share the store; each worker fires the timers it can route wakes for.
     for run_id, workflow in (("mine", "shop.checkout"), ("theirs", "other.app.poll")):
         create(store, run_id, workflow)
         assert store.begin_turn(run_id) is not None
-        timer = NewStep(1, "timer", "sleep", JSON, b"null", f"t-{run_id}", due=clock.now + 5)
+        timer = NewStep(1, "timer", "sleep", JSON, b"null", f"t-{run_id}", due_in=5)
         assert commit(store, run_id, 0, [], [timer], clock.now)
     clock.advance(6)
 
@@ -592,7 +645,7 @@ def test_due_timers_fire_only_for_the_workflows_asked(store: Store, clock: Clock
     assert [wake[0] for wake in store.fire_due_timers()] == ["theirs"]
 
 
-def test_runs_to_wake_finds_runs_never_driven(store: Store, clock: Clock) -> None:
+def test_runs_to_wake_finds_runs_never_driven(store: Store, clock: DbClock) -> None:
     create(store)
     assert store.runs_to_wake(older_than=10) == []
     clock.advance(11)
@@ -603,7 +656,7 @@ def test_runs_to_wake_finds_runs_never_driven(store: Store, clock: Clock) -> Non
     assert [r.id for r in store.runs_to_wake(older_than=10)] == ["run-1"]
 
 
-def test_runs_to_wake_takes_only_the_workflows_asked_for(store: Store, clock: Clock) -> None:
+def test_runs_to_wake_takes_only_the_workflows_asked_for(store: Store, clock: DbClock) -> None:
     create(store, "mine", workflow="shop.checkout")
     create(store, "theirs", workflow="billing.invoice")
     clock.advance(11)
@@ -611,7 +664,7 @@ def test_runs_to_wake_takes_only_the_workflows_asked_for(store: Store, clock: Cl
     assert [r.id for r in store.runs_to_wake(10, exclude=["shop.checkout"])] == ["theirs"]
 
 
-def test_a_run_queued_long_is_woken_again_ever_less_often(store: Store, clock: Clock) -> None:
+def test_a_run_queued_long_is_woken_again_ever_less_often(store: Store, clock: DbClock) -> None:
     create(store)  # its first wake waits behind a backlog that takes minutes to drain
     woken = []
     for second in range(1, 301):
@@ -622,7 +675,7 @@ def test_a_run_queued_long_is_woken_again_ever_less_often(store: Store, clock: C
     assert woken == [11, 22, 44, 88, 176]
 
 
-def test_runs_to_wake_finds_undelivered_outcomes_only(store: Store, clock: Clock) -> None:
+def test_runs_to_wake_finds_undelivered_outcomes_only(store: Store, clock: DbClock) -> None:
     start(store, "a", run_id="waiting")  # a step out, no outcome: nothing to do
     start(store, "a", run_id="has-outcome")
     start(store, "a", run_id="finished")
@@ -636,7 +689,9 @@ def test_runs_to_wake_finds_undelivered_outcomes_only(store: Store, clock: Clock
     assert store.runs_to_wake(older_than=10) == []
 
 
-def test_runs_to_wake_leaves_recent_outcomes_to_their_own_wake(store: Store, clock: Clock) -> None:
+def test_runs_to_wake_leaves_recent_outcomes_to_their_own_wake(
+    store: Store, clock: DbClock
+) -> None:
     start(store, "a")
     clock.advance(100)
     store.record_outcome("run-1", 1, result=ok())
@@ -644,7 +699,7 @@ def test_runs_to_wake_leaves_recent_outcomes_to_their_own_wake(store: Store, clo
     assert store.runs_to_wake(older_than=10) == []
 
 
-def test_runs_to_wake_race_has_one_taker(open_store: Callable[[], Store], clock: Clock) -> None:
+def test_runs_to_wake_race_has_one_taker(open_store: Callable[[], Store], clock: DbClock) -> None:
     stores = [open_store() for _ in range(4)]
     for i, s in enumerate(stores):
         create(s, f"run-{i}")
@@ -679,7 +734,7 @@ def start_children(store: Store, run_id: str, turn: int, count: int) -> list[str
     ids = [f"{run_id}/{seq}" for seq in range(first, first + count)]
     write = TurnWrite(
         turn=turn,
-        at=_clock.now(),
+        at=T0,
         new_steps=[
             NewStep(seq, "child", KID, JSON, b"[[], {}, {}]", f"d-{child}", child_id=child)
             for seq, child in zip(range(first, first + count), ids, strict=True)
@@ -692,7 +747,7 @@ def start_children(store: Store, run_id: str, turn: int, count: int) -> list[str
     assert store.commit_turn(run_id, write) is not None
     for child in ids:
         assert store.begin_turn(child) is not None  # takes the wake that starting it set
-        assert commit(store, child, 0, [], new_steps("price"), _clock.now())
+        assert commit(store, child, 0, [], new_steps("price"), T0)
     return ids
 
 
@@ -710,7 +765,7 @@ def end_parent(
     error = None if status == SUCCESS else {"type": "CancelledError"}
     result = ok() if status == SUCCESS else None
     write = TurnWrite(
-        turn=turn, at=_clock.now(), cancelled=cancelled, status=status, result=result, error=error
+        turn=turn, at=T0, cancelled=cancelled, status=status, result=result, error=error
     )
     return store.commit_turn("p", write)
 
@@ -720,7 +775,7 @@ def finish_child(store: Store, child: str, record: bool = True) -> TurnCommitted
     (``record``: record that result first)."""
     if record:
         store.record_outcome(child, 1, result=ok())
-    write = TurnWrite(turn=1, at=_clock.now(), delivered=[1], status=SUCCESS, result=ok("7"))
+    write = TurnWrite(turn=1, at=T0, delivered=[1], status=SUCCESS, result=ok("7"))
     return store.commit_turn(child, write)
 
 
@@ -756,7 +811,7 @@ def test_a_turn_cancelling_a_child_step_asks_the_child_to_cancel_in_the_same_com
 
 
 def test_a_lost_wake_of_a_cancelled_child_is_sent_by_the_sweeper(
-    store: Store, clock: Clock
+    store: Store, clock: DbClock
 ) -> None:
     [kid] = family(store)
     assert end_parent(store, [1]) is not None  # and the process dies before publishing
@@ -768,7 +823,7 @@ def test_a_lost_wake_of_a_cancelled_child_is_sent_by_the_sweeper(
 
 
 def test_a_lost_wake_of_a_child_whose_wake_was_already_pending_is_sent_too(
-    store: Store, clock: Clock
+    store: Store, clock: DbClock
 ) -> None:
     [kid] = family(store)
     store.record_outcome(kid, 1, result=ok())  # sets the child's flag, wake lost
@@ -938,7 +993,7 @@ def test_a_parent_ending_while_its_children_finish_never_deadlocks(
             if ending == "terminated":
                 return parent_store.terminate(run_id, {"type": "WorkflowTerminatedError"})
             write = TurnWrite(
-                turn=1, at=_clock.now(), cancelled=[1, 2], status=CANCELLED, error={"type": "C"}
+                turn=1, at=T0, cancelled=[1, 2], status=CANCELLED, error={"type": "C"}
             )
             return parent_store.commit_turn(run_id, write)
 
@@ -975,11 +1030,12 @@ def test_a_parent_ending_while_its_children_finish_never_deadlocks(
 
 
 def test_runs_to_wake_skips_a_run_another_transaction_holds(
-    postgres_url: str, clock: Clock
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A sweeper never waits for a run's row while holding others it took (PostgreSQL;
     SQLite has one writer at a time): waiting could close a cycle with a transaction
     that locks a parent, then its children."""
+    clock = DbClock(postgres_url, monkeypatch, T0)
     sweeper = Store(postgres_url)
     try:
         create(sweeper, "held")
@@ -993,6 +1049,7 @@ def test_runs_to_wake_skips_a_run_another_transaction_holds(
         assert [r.id for r in sweeper.runs_to_wake(older_than=10)] == ["held"]
     finally:
         sweeper.dispose()
+        clock.close()
 
 
 # -- retrying stuck and failed runs -------------------------------------------------------
@@ -1015,7 +1072,7 @@ def test_resume_a_stuck_run(store: Store) -> None:
     assert begun is not None and [s.seq for s in begun.new_outcomes] == [1]
 
 
-def test_resume_a_failed_run_rewinds_the_turn_that_failed(store: Store, clock: Clock) -> None:
+def test_resume_a_failed_run_rewinds_the_turn_that_failed(store: Store, clock: DbClock) -> None:
     start(store, "a", "b")
     assert store.claim_step("run-1", 2, "dispatch-2", "worker-a", 0)
     store.record_outcome("run-1", 1, result=ok('"a"'))

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 from celery import Celery
+from dbclock import DbClock
 
 from celery_durable import durable_workflow
 from celery_durable._config import store_for
-from celery_durable.store import PENDING, STUCK, NewRun, _clock
+from celery_durable.store import PENDING, STUCK, NewRun
 from celery_durable.worker import Sweeper
 
 _names = itertools.count()
@@ -20,18 +21,12 @@ _names = itertools.count()
 async def known() -> None: ...
 
 
-@pytest.fixture
-def now(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    clock = [1_000_000.0]
-    monkeypatch.setattr(_clock, "now", lambda: clock[0])
-    return clock
-
-
 def test_a_run_no_worker_knows_is_parked_then_taken_back_by_one_that_does(
-    tmp_path: Path, now: list[float]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app = Celery(f"sweeper-{next(_names)}", broker="memory://", set_as_current=False)
     app.conf.durable_database_url = f"sqlite:///{tmp_path}/sweep.sqlite3"
+    clock = DbClock(app.conf.durable_database_url, monkeypatch, 1_000_000.0)
     app.conf.durable_stall_timeout = 10
     store = store_for(app)
     name = f"sweeper_tests.elsewhere{next(_names)}"  # a workflow no app here defines
@@ -39,11 +34,11 @@ def test_a_run_no_worker_knows_is_parked_then_taken_back_by_one_that_does(
         assert store.create_run(NewRun(run_id, workflow, "application/json", b"[[], {}]"))
     sweeper = Sweeper(app, "sweeper-test", "sweeper@test")
 
-    now[0] += 11  # one stall period: this app re-wakes only the run it can route
+    clock.advance(11)  # one stall period: this app re-wakes only the run it can route
     assert sweeper.sweep()["woken"] == 1
     assert store.get_status("orphan") == PENDING
 
-    now[0] += 31  # three periods and no sweeper woke it: no live worker knows it
+    clock.advance(31)  # three periods and no sweeper woke it: no live worker knows it
     sweeper.sweep()
     orphan = store.require_run("orphan")
     assert orphan.status == STUCK
@@ -57,3 +52,4 @@ def test_a_run_no_worker_knows_is_parked_then_taken_back_by_one_that_does(
     sweeper.sweep()
     assert store.get_status("orphan") == PENDING
     store.dispose()
+    clock.close()

@@ -124,9 +124,7 @@ class RunDriver:
             delivered=[step.seq for step in start.new_outcomes],
             cancel_delivered=cancel,
         )
-        plan = TurnPlan(self.run_id, self._label, self.codec, run.started_at or at, write).add(
-            commands
-        )
+        plan = TurnPlan(self.run_id, self._label, self.codec, write).add(commands)
 
         try:
             committed = self.store.commit_turn(self.run_id, write)

@@ -65,17 +65,13 @@ class TurnPlan:
         run_id: the run the turn belongs to.
         label: how errors name the run (``workflow name[id]``).
         codec: encodes results, child inputs and local step outcomes.
-        started_at: the run's start time, from which timer deadlines count.
         write: the turn's write, filled in by :meth:`add`.
     """
 
-    def __init__(
-        self, run_id: str, label: str, codec: Codec, started_at: float, write: TurnWrite
-    ) -> None:
+    def __init__(self, run_id: str, label: str, codec: Codec, write: TurnWrite) -> None:
         self.run_id = run_id
         self.label = label
         self.codec = codec
-        self.started_at = started_at
         self.write = write
         self.messages = Messages()
         self._new_steps: list[NewStep] = []
@@ -102,7 +98,8 @@ class TurnPlan:
         self.messages.activities.append((command, dispatch_id))
 
     def _timer(self, command: StartTimer) -> None:
-        self._step(command, *_EMPTY, due=self.started_at + command.when)
+        # Due by the database's clock, counted from the commit: not from this host's.
+        self._step(command, *_EMPTY, due_in=command.delay)
 
     def _signal_wait(self, command: WaitSignal) -> None:
         self._step(command, *_EMPTY)

@@ -66,10 +66,16 @@ class ScheduleActivity:
 
 @dataclass(frozen=True)
 class StartTimer:
-    """Fire at ``when`` (seconds of workflow time since the run started)."""
+    """Fire at ``when`` (seconds of workflow time since the run started), which is
+    ``delay`` seconds after the turn that starts it.
+
+    The store counts ``delay`` from its own clock when the turn commits: the host running
+    the turn may be minutes off, and its idea of the deadline must not move the timer.
+    """
 
     seq: int
     when: float
+    delay: float
     name: str = "timer"
 
     kind: ClassVar[str] = TIMER

@@ -17,7 +17,7 @@ import random
 import reprlib
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
 from ..errors import NotInWorkflowError, WorkflowArgumentsError, WorkflowAwaitError
@@ -221,8 +221,14 @@ class WorkflowInstance:
         when = max(when, self.loop.time())
         handle = _DurableTimer(self, seq, when, callback, args, context)
         self._timers[seq] = handle
-        self._issued.append(StartTimer(seq, when))
+        self._issued.append(StartTimer(seq, when, when - self.loop.time()))
         return handle
+
+    def _advance_to(self, seconds: float) -> None:
+        """Move the workflow's clock forward (never back) to ``seconds`` after its start."""
+        if seconds > self.loop.time():
+            self.loop.set_time(seconds)
+            self.now = max(self.now, self.info.start_time + timedelta(seconds=seconds))
 
     def patched(self, patch_id: str) -> bool:
         """True if this run takes the new code path guarded by ``patch_id``.
@@ -290,6 +296,10 @@ class WorkflowInstance:
             timer = self._timers.pop(outcome.seq, None)
             if timer is not None:
                 if not timer.cancelled():
+                    # The timer went off by the store's clock; the host running this turn
+                    # may be behind it. Code after a sleep never sees a time before its
+                    # deadline (replay delivers it in the same turn, so it agrees).
+                    self._advance_to(timer.when())
                     self.loop.fire(timer)
                 continue
             future = self._waiting.pop(outcome.seq, None)

@@ -52,6 +52,7 @@ from ._records import (
     TurnCommitted,
     TurnStart,
     TurnWrite,
+    WorkerInfo,
 )
 from ._recovery import Recovery
 from ._runs import RunReads
@@ -86,6 +87,7 @@ __all__ = [
     "TurnCommitted",
     "TurnStart",
     "TurnWrite",
+    "WorkerInfo",
     "is_unreachable",
     "safe_url",
 ]

@@ -13,7 +13,7 @@ from sqlalchemy import ColumnElement, Connection, and_, func, select, true
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from ..errors import StoreUnavailableError
-from . import _migrations
+from . import _clock, _migrations
 from . import _schema as s
 from ._engine import fork_gate, live_stores, make_engine, safe_url
 from ._records import Dispatch
@@ -44,7 +44,10 @@ class StoreBase:
         self.dialect = self.engine.dialect.name
         self._ready = False
         self._ready_lock = threading.Lock()
-        self._hot = HotStatements(self._no_disk_wait())
+        #: The database's clock, read inside each statement that writes or compares a
+        #: time (never this host's: see ``_clock``).
+        self._now = _clock.db_now(self.dialect)
+        self._hot = HotStatements(self._no_disk_wait(), self._now)
         live_stores.add(self)
 
     @contextmanager
@@ -165,9 +168,7 @@ class StoreBase:
             select(s.runs.c.id).where(s.runs.c.id == parent).with_for_update(key_share=True)
         )
 
-    def _flag_wake(
-        self, conn: Connection, run_id: str, at: float, locked: bool = False
-    ) -> RunWake | None:
+    def _flag_wake(self, conn: Connection, run_id: str, locked: bool = False) -> RunWake | None:
         """Set the run's wake flag in this transaction; returns what to publish if it
         was not already set.
 
@@ -180,7 +181,7 @@ class StoreBase:
         # and the flag seen set here would promise a wake that never comes.
         if not locked:
             self._lock_run(conn, run_id)
-        row = conn.execute(self._hot.flag_wake, {"b_run": run_id, "b_at": at}).first()
+        row = conn.execute(self._hot.flag_wake, {"b_run": run_id}).first()
         return None if row is None else (run_id, row.workflow, row.options or {})
 
 

@@ -10,7 +10,6 @@ from typing import NoReturn
 from sqlalchemy import Connection, and_, func, insert, select, update
 
 from ..errors import DurableError, SignalError, WorkflowNotFoundError
-from . import _clock
 from . import _schema as s
 from ._base import RunWake, load_dispatches, step_is
 from ._records import (
@@ -51,7 +50,6 @@ class RunControl(TurnWrites):
         Raises:
             SignalError: the run does not exist or has finished.
         """
-        at = _clock.now()
         with self._transaction() as conn:
             # Taking the run's row first orders this against a turn inserting a wait.
             row = conn.execute(
@@ -93,14 +91,14 @@ class RunControl(TurnWrites):
                     name=name,
                     content_type=content_type,
                     payload=payload,
-                    created_at=at,
+                    created_at=self._now,
                     consumed_seq=wait,
                 )
             )
             if wait is None:
                 return None
-            self._give_signal(conn, run_id, wait, content_type, payload, at)
-            return self._flag_wake(conn, run_id, at, locked=True)
+            self._give_signal(conn, run_id, wait, content_type, payload)
+            return self._flag_wake(conn, run_id, locked=True)
 
     def request_cancel(self, run_id: str) -> RunWake | None:
         """Ask a run to cancel; returns it to wake (None if a wake is already pending or
@@ -110,9 +108,8 @@ class RunControl(TurnWrites):
             WorkflowNotFoundError: no such run.
             DurableError: the run has already finished.
         """
-        at = _clock.now()
         with self._transaction() as conn:
-            asked, wake = self._ask_to_cancel(conn, run_id, at)
+            asked, wake = self._ask_to_cancel(conn, run_id)
             if asked:
                 return wake
             row = conn.execute(
@@ -149,29 +146,29 @@ class RunControl(TurnWrites):
             WorkflowNotFoundError: no such run.
             DurableError: the run has already finished.
         """
-        at = _clock.now()
         with self._transaction() as conn:
             self._lock_parent_of(conn, run_id)
             row = conn.execute(
                 update(s.runs)
                 .where(and_(s.runs.c.id == run_id, s.runs.c.status.in_(NOT_FINISHED)))
-                .values(status=TERMINATED, error=error, finished_at=at, updated_at=at)
+                .values(status=TERMINATED, error=error, finished_at=self._now, updated_at=self._now)
                 .returning(s.runs.c.turn, s.runs.c.parent_id, s.runs.c.parent_seq)
             ).first()
             if row is None:
                 self._refuse_to_terminate(conn, run_id)
-            cancelled = self._cancel_open_steps(conn, run_id, at)
+            cancelled = self._cancel_open_steps(conn, run_id)
             ended = [run_id]
             generation = [run_id]
             while generation:
                 generation = self._terminate_children(
-                    conn, generation, descendant_error or (lambda _run: error), at, cancelled
+                    conn, generation, descendant_error or (lambda _run: error), cancelled
                 )
                 ended.extend(generation)
             parent = None
             if row.parent_id is not None:
-                write = TurnWrite(turn=row.turn, at=at, status=TERMINATED, error=error)
-                parent = self._complete_parent_step(conn, row.parent_id, row.parent_seq, write, at)
+                # No driver turn: no workflow time to record (the write only carries the end).
+                write = TurnWrite(turn=row.turn, at=0.0, status=TERMINATED, error=error)
+                parent = self._complete_parent_step(conn, row.parent_id, row.parent_seq, write)
             return Termination(runs=ended, cancelled=cancelled, parent=parent)
 
     @staticmethod
@@ -186,7 +183,7 @@ class RunControl(TurnWrites):
             "there is nothing to terminate"
         )
 
-    def _cancel_open_steps(self, conn: Connection, run_id: str, at: float) -> list[CancelledStep]:
+    def _cancel_open_steps(self, conn: Connection, run_id: str) -> list[CancelledStep]:
         open_seqs = (
             conn.execute(
                 select(s.steps.c.seq).where(
@@ -196,14 +193,13 @@ class RunControl(TurnWrites):
             .scalars()
             .all()
         )
-        return self._cancel_steps(conn, run_id, list(open_seqs), at)
+        return self._cancel_steps(conn, run_id, list(open_seqs))
 
     def _terminate_children(
         self,
         conn: Connection,
         parents: Sequence[str],
         error_for: Callable[[RunRecord], ErrorInfo],
-        at: float,
         cancelled: list[CancelledStep],
     ) -> list[str]:
         """Terminate the open child runs of ``parents`` (already terminated in this
@@ -228,18 +224,17 @@ class RunControl(TurnWrites):
                 .values(
                     status=TERMINATED,
                     error=error_for(run_record(child)),
-                    finished_at=at,
-                    updated_at=at,
+                    finished_at=self._now,
+                    updated_at=self._now,
                 )
             ).rowcount
             if moved:
-                cancelled.extend(self._cancel_open_steps(conn, child.id, at))
+                cancelled.extend(self._cancel_open_steps(conn, child.id))
                 ended.append(str(child.id))
         return ended
 
     def park(self, run_id: str, turn: int, status: str, error: ErrorInfo) -> bool:
         """Stop a run at ``turn`` (without recording a new turn), keeping its history."""
-        at = _clock.now()
         with self._transaction() as conn:
             return (
                 conn.execute(
@@ -251,7 +246,7 @@ class RunControl(TurnWrites):
                             s.runs.c.status.in_(ACTIVE),
                         )
                     )
-                    .values(status=status, error=error, updated_at=at)
+                    .values(status=status, error=error, updated_at=self._now)
                 ).rowcount
                 == 1
             )
@@ -263,7 +258,6 @@ class RunControl(TurnWrites):
         turn delivered are delivered again, and steps that failed are scheduled again.
         Returns the previous status; the caller publishes a wake.
         """
-        at = _clock.now()
         with self._transaction() as conn:
             row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
             if row is None:
@@ -276,7 +270,7 @@ class RunControl(TurnWrites):
                     .values(
                         status=RUNNING if run.turn else PENDING,
                         error=None,
-                        updated_at=at,
+                        updated_at=self._now,
                         attempt=func.coalesce(s.runs.c.attempt, 1) + 1,
                     )
                 )
@@ -324,7 +318,7 @@ class RunControl(TurnWrites):
                         due_at=None,
                         losses=0,
                         dispatch_id=str(uuid.uuid4()),
-                        dispatched_at=at,
+                        dispatched_at=self._now,
                     )
                 )
             conn.execute(
@@ -341,7 +335,7 @@ class RunControl(TurnWrites):
                     attempt=func.coalesce(s.runs.c.attempt, 1) + 1,
                     error=None,
                     finished_at=None,
-                    updated_at=at,
+                    updated_at=self._now,
                 )
             )
             return FAILURE

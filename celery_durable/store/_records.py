@@ -40,6 +40,7 @@ __all__ = [
     "TurnCommitted",
     "TurnStart",
     "TurnWrite",
+    "WorkerInfo",
     "run_record",
     "run_row",
     "step_record",
@@ -111,7 +112,8 @@ class NewStep:
     """A step a driver turn schedules.
 
     Most steps start SCHEDULED; a local step starts DONE with its outcome, a patch marker
-    DELIVERED. A timer's ``due`` is its deadline (UNIX seconds).
+    DELIVERED. A timer is due ``due_in`` seconds after its turn commits, by the
+    database's clock (the host running the turn may be minutes off).
     """
 
     seq: int
@@ -123,7 +125,7 @@ class NewStep:
     state: str = SCHEDULED
     result: bytes | None = None
     error: ErrorInfo | None = None
-    due: float | None = None
+    due_in: float | None = None
     child_id: str | None = None
 
 
@@ -230,6 +232,26 @@ class LossPolicy:
 
 
 @dataclass(frozen=True)
+class WorkerInfo:
+    """A worker process as the store knows it.
+
+    ``id`` names this one process and is never used again (node name, pid and a random
+    part). ``node`` is Celery's node name, which several live workers may share.
+    ``machine`` names the operating system instance and pid namespace the process runs
+    in, and ``process_start`` when that process started, as the kernel counts it: with
+    ``pid`` they let a worker on the same machine tell whether this one is still alive
+    (None where the platform cannot say; such a worker is only ever given up on when its
+    leases expire).
+    """
+
+    id: str
+    node: str
+    pid: int
+    machine: str | None = None
+    process_start: str | None = None
+
+
+@dataclass(frozen=True)
 class Dispatch:
     """What is needed to (re)publish one step's message."""
 
@@ -252,6 +274,8 @@ class TurnStart:
 
 
 def step_row(run_id: str, turn: int, at: float, step: NewStep) -> dict[str, Any]:
+    """The parameters of ``HotStatements.insert_steps`` for ``step``, scheduled by
+    ``turn`` at the turn's time ``at`` (which only a delivered patch marker keeps)."""
     return {
         "run_id": run_id,
         "seq": step.seq,
@@ -260,8 +284,7 @@ def step_row(run_id: str, turn: int, at: float, step: NewStep) -> dict[str, Any]
         "created_turn": turn,
         "state": step.state,
         "dispatch_id": step.dispatch_id,
-        "dispatched_at": at,
-        "due_at": step.due,
+        "b_due_in": step.due_in,
         "losses": 0,
         "redispatches": 0,
         "attempts": 0,
@@ -270,26 +293,27 @@ def step_row(run_id: str, turn: int, at: float, step: NewStep) -> dict[str, Any]
         "outcome": None if step.state == SCHEDULED else ("error" if step.error else "ok"),
         "result": step.result,
         "error": step.error,
-        "completed_at": None if step.state == SCHEDULED else at,
+        "b_done_in": None if step.state == SCHEDULED else 0.0,
         "observed_turn": turn if step.state == DELIVERED else None,
         "observed_at": at if step.state == DELIVERED else None,
         "child_id": step.child_id,
     }
 
 
-def run_row(new: NewRun, at: float) -> dict[str, Any]:
+def run_row(new: NewRun, now: Any) -> dict[str, Any]:
+    """The values of a new run's row; ``now``: the database's clock (an SQL expression)."""
     return {
         "id": new.id,
         "workflow": new.workflow,
         "status": PENDING,
         "turn": 0,
         "wake_pending": True,
-        "wake_sent_at": at,
+        "wake_sent_at": now,
         "content_type": new.content_type,
         "input": new.input,
         "options": dict(new.options),
-        "created_at": at,
-        "updated_at": at,
+        "created_at": now,
+        "updated_at": now,
         "parent_id": new.parent_id,
         "parent_seq": new.parent_seq,
         "attempt": 1,

@@ -21,7 +21,6 @@ from sqlalchemy import (
     update,
 )
 
-from . import _clock
 from . import _schema as s
 from ._base import RunWake, load_dispatches, step_is
 from ._records import (
@@ -33,6 +32,7 @@ from ._records import (
     Dispatch,
     LossPolicy,
     RunRecord,
+    WorkerInfo,
     run_record,
 )
 from ._steps import StepClaims
@@ -43,34 +43,65 @@ __all__ = ["Recovery"]
 class Recovery(StepClaims):
     """Liveness of workers and the recovery queries of the sweeper."""
 
-    def heartbeat(self, worker: str, hostname: str, pid: int) -> None:
-        """Record that ``worker`` is alive now (registering it the first time)."""
-        at = _clock.now()
+    def heartbeat(self, worker: WorkerInfo) -> None:
+        """Record that ``worker`` is alive now (registering it the first time).
+
+        A worker is known by its id, which no other process ever has; its node name is
+        not unique (Celery only warns about two live workers of one name), so a worker
+        starting under a name never decides by the name alone that an older one is gone:
+        see :meth:`live_workers_named` and :meth:`retire_workers`.
+        """
         with self._transaction() as conn:
             seen = conn.execute(
                 update(s.workers)
-                .where(s.workers.c.id == worker)
-                .values(last_seen=at, stopped_at=None, clean_stop=None)
+                .where(s.workers.c.id == worker.id)
+                .values(last_seen=self._now, stopped_at=None, clean_stop=None)
             ).rowcount
             if not seen:
                 conn.execute(
                     insert(s.workers).values(
-                        id=worker, hostname=hostname, pid=pid, started_at=at, last_seen=at
+                        id=worker.id,
+                        hostname=worker.node,
+                        pid=worker.pid,
+                        machine=worker.machine,
+                        process_start=worker.process_start,
+                        started_at=self._now,
+                        last_seen=self._now,
                     )
                 )
-                # A worker starting under a node name means any older instance with that
-                # name is gone (Celery refuses two live workers with one name).
+
+    def live_workers_named(self, worker: WorkerInfo) -> list[WorkerInfo]:
+        """The other workers of ``worker``'s node name and machine not known to have
+        stopped: its predecessors, if it was restarted, or twins running alongside it."""
+        if worker.machine is None:
+            return []
+        with self._read() as conn:
+            rows = conn.execute(
+                select(s.workers).where(
+                    s.workers.c.hostname == worker.node,
+                    s.workers.c.machine == worker.machine,
+                    s.workers.c.id != worker.id,
+                    s.workers.c.stopped_at.is_(None),
+                )
+            ).all()
+        return [WorkerInfo(r.id, r.hostname, r.pid, r.machine, r.process_start) for r in rows]
+
+    def retire_workers(self, worker_ids: Collection[str]) -> int:
+        """Record that these workers are gone (they died without a clean stop), so that
+        their claims are released at the next sweep; returns how many were live."""
+        if not worker_ids:
+            return 0
+        with self._transaction() as conn:
+            return int(
                 conn.execute(
                     update(s.workers)
                     .where(
-                        and_(
-                            s.workers.c.hostname == hostname,
-                            s.workers.c.id != worker,
-                            s.workers.c.stopped_at.is_(None),
-                        )
+                        s.workers.c.id.in_(sorted(worker_ids)),
+                        s.workers.c.stopped_at.is_(None),
                     )
-                    .values(stopped_at=at)
-                )
+                    .values(stopped_at=self._now)
+                ).rowcount
+            )
 
     def worker_stopped(self, worker: str) -> None:
         """Record a clean shutdown of ``worker`` (its pool has drained)."""
@@ -78,7 +109,7 @@ class Recovery(StepClaims):
             conn.execute(
                 update(s.workers)
                 .where(s.workers.c.id == worker)
-                .values(stopped_at=_clock.now(), clean_stop=True)
+                .values(stopped_at=self._now, clean_stop=True)
             )
 
     def release_expired_claims(
@@ -99,7 +130,7 @@ class Recovery(StepClaims):
         ``leases=False`` releases only the claims of stopped workers: a caller that has
         just lost touch with the store knows that nobody could renew a lease meanwhile.
         """
-        cutoff = _clock.now() - dead_after
+        cutoff = self._now - dead_after
         stopped = select(s.workers.c.id).where(s.workers.c.stopped_at.is_not(None))
         clean = select(s.workers.c.id).where(s.workers.c.clean_stop.is_(True))
         expired = (
@@ -132,8 +163,7 @@ class Recovery(StepClaims):
         self, limit: int = 1000, workflows: Collection[str] | None = None
     ) -> list[Dispatch]:
         """Task steps whose backoff after a lost worker has passed, taken for sending."""
-        at = _clock.now()
-        due = _due("activity", at, workflows)
+        due = _due("activity", self._now, workflows)
         # Read first: on most polls nothing is due, and a write transaction would queue
         # behind SQLite's writer lock for nothing.
         with self._read() as conn:
@@ -150,8 +180,8 @@ class Recovery(StepClaims):
             for run_id, seq in rows:
                 moved = conn.execute(
                     update(s.steps)
-                    .where(step_is(run_id, seq, SCHEDULED), s.steps.c.due_at <= at)
-                    .values(due_at=None, dispatched_at=at)
+                    .where(step_is(run_id, seq, SCHEDULED), s.steps.c.due_at <= self._now)
+                    .values(due_at=None, dispatched_at=self._now)
                 ).rowcount
                 if moved:
                     taken.append((run_id, seq))
@@ -164,7 +194,7 @@ class Recovery(StepClaims):
         re-publish, so a long queue is not flooded with copies. The copies share the
         dispatch id, so whichever is received first runs and the others are dropped.
         """
-        now = _clock.now()
+        now = self._now
         with self._transaction() as conn:
             rows = conn.execute(
                 select(s.steps.c.run_id, s.steps.c.seq, s.steps.c.redispatches)
@@ -206,7 +236,7 @@ class Recovery(StepClaims):
         ``workflows`` limits it to runs of those workflows (the ones the caller can route
         a wake for); ``exclude`` leaves those out.
         """
-        now = _clock.now()
+        now = self._now
         cutoff = now - older_than
         has_outcome = (
             select(s.steps.c.run_id)
@@ -284,9 +314,8 @@ class Recovery(StepClaims):
         ``workflows``: only timers of runs of these workflows (those the caller can
         route wakes for); None: every timer.
         """
-        at = _clock.now()
         with self._transaction() as conn:
-            due_now = _due("timer", at, workflows)
+            due_now = _due("timer", self._now, workflows)
             due = select(s.steps.c.run_id, s.steps.c.seq).where(due_now).limit(limit)
             if self.dialect == "postgresql":
                 due = due.with_for_update(skip_locked=True)
@@ -298,21 +327,23 @@ class Recovery(StepClaims):
                 moved = conn.execute(
                     update(s.steps)
                     .where(step_is(run_id, seq, SCHEDULED))
-                    .values(state=DONE, outcome="ok", completed_at=at)
+                    .values(state=DONE, outcome="ok", completed_at=self._now)
                 ).rowcount
                 if moved:
                     fired.add(run_id)
             wakes = []
             for run_id in sorted(fired):
-                wake = self._flag_wake(conn, run_id, at)
+                wake = self._flag_wake(conn, run_id)
                 if wake is not None:
                     wakes.append(wake)
             return wakes
 
 
-def _due(kind: str, at: float, workflows: Collection[str] | None) -> ColumnElement[bool]:
-    """Scheduled steps of ``kind`` due by ``at``, of runs of ``workflows`` (None: all)."""
-    due = and_(s.steps.c.state == SCHEDULED, s.steps.c.due_at <= at, s.steps.c.kind == kind)
+def _due(
+    kind: str, now: ColumnElement[float], workflows: Collection[str] | None
+) -> ColumnElement[bool]:
+    """Scheduled steps of ``kind`` due by ``now``, of runs of ``workflows`` (None: all)."""
+    due = and_(s.steps.c.state == SCHEDULED, s.steps.c.due_at <= now, s.steps.c.kind == kind)
     if workflows is None:
         return due
     ours = select(s.runs.c.id).where(s.runs.c.workflow.in_(list(workflows)))

@@ -7,7 +7,6 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ..errors import WorkflowNotFoundError
-from . import _clock
 from . import _schema as s
 from ._base import StoreBase
 from ._engine import safe_url
@@ -27,7 +26,7 @@ class RunReads(StoreBase):
         dialect_insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
         statement = (
             dialect_insert(s.runs)
-            .values(**run_row(new, _clock.now()))
+            .values(**run_row(new, self._now))
             .on_conflict_do_nothing(index_elements=[s.runs.c.id])
             .returning(s.runs.c.id)
         )

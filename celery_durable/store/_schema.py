@@ -1,7 +1,10 @@
 """The tables celery_durable keeps, as SQLAlchemy Core, with named indexes.
 
 Times are stored as UNIX seconds (floats) so that SQLite and PostgreSQL compare them the
-same way. Payloads are the serializer's bytes with their content type beside them.
+same way. They come from the database's clock (see ``_clock``), except the times of a
+run's turns, which replay reads back as ``workflow.now()``: a run's ``started_at``,
+``cancel_at`` and (when a turn ended it) ``finished_at``, a step's ``observed_at``.
+Payloads are the serializer's bytes with their content type beside them.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ __all__ = [
 
 #: Bumped whenever the tables change; each bump comes with its upgrade step in
 #: :mod:`celery_durable.store._migrations`.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: What each version added, as (table, column) pairs; upgrades add them in order.
 #: (New tables need no entry: they are created whenever they are missing.)
@@ -54,6 +57,10 @@ ADDED_COLUMNS: dict[int, list[tuple[str, str]]] = {
         ("durable_steps", "renewed_at"),
         ("durable_steps", "losses"),
         ("durable_workers", "clean_stop"),
+    ],
+    6: [
+        ("durable_workers", "machine"),
+        ("durable_workers", "process_start"),
     ],
 }
 
@@ -187,5 +194,11 @@ workers = Table(
     # -- schema version 5 --
     # True when the worker shut down warm (its pool drained), not replaced after a crash.
     Column("clean_stop", Boolean, nullable=True),
+    # -- schema version 6 --
+    # The OS instance and pid namespace the worker runs in, and when its process started
+    # (kernel clock ticks since boot): a worker restarted on the same machine tells from
+    # them whether an older worker of its node name is gone, since names repeat.
+    Column("machine", String(128), nullable=True),
+    Column("process_start", String(32), nullable=True),
     Index("ix_durable_workers_hostname", "hostname"),
 )

@@ -3,7 +3,8 @@
 Building an SQLAlchemy statement and its cache key costs about as much client time as
 executing it; these run several times per step, so they take their values as bound
 parameters (``b_*``) instead of being built per call. Each statement that two operations
-share is defined here once.
+share is defined here once. Times the store compares come from the database's clock in
+the statement itself (``now``, see ``_clock``); ``b_at`` is only ever a turn's own time.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 from sqlalchemy import (
     ColumnElement,
     Float,
+    Insert,
     Integer,
     String,
     Update,
     and_,
     bindparam,
+    insert,
     or_,
     select,
     true,
@@ -28,7 +31,7 @@ from ._records import ACTIVE, CLAIMED, DELIVERED, DONE, SCHEDULED
 __all__ = ["HotStatements", "wake_flag_update"]
 
 
-def wake_flag_update(no_disk_wait: ColumnElement[bool]) -> Update:
+def wake_flag_update(no_disk_wait: ColumnElement[bool], now: ColumnElement[float]) -> Update:
     """Set a run's wake flag unless it is set already; returns the run's routing.
 
     A row comes back only when this statement set the flag: that caller, and no other,
@@ -45,7 +48,7 @@ def wake_flag_update(no_disk_wait: ColumnElement[bool]) -> Update:
                 no_disk_wait,
             )
         )
-        .values(wake_pending=True, wake_sent_at=bindparam("b_at", type_=Float()))
+        .values(wake_pending=True, wake_sent_at=now)
         .returning(runs.workflow, runs.options)
     )
 
@@ -56,9 +59,10 @@ class HotStatements:
     Args:
         no_disk_wait: a condition that is always true and, on PostgreSQL, lets its
             statement commit without waiting for the disk (see ``Store._no_disk_wait``).
+        now: the database's clock (see ``_clock.db_now``).
     """
 
-    def __init__(self, no_disk_wait: ColumnElement[bool]) -> None:
+    def __init__(self, no_disk_wait: ColumnElement[bool], now: ColumnElement[float]) -> None:
         steps, runs = s.steps.c, s.runs.c
         run_id = bindparam("b_run", type_=String())
         seq = bindparam("b_seq", type_=Integer())
@@ -84,8 +88,8 @@ class HotStatements:
             .values(
                 state=CLAIMED,
                 claimed_by=bindparam("b_worker"),
-                claimed_at=at,
-                renewed_at=at,
+                claimed_at=now,
+                renewed_at=now,
                 claimed_retries=retries,
                 attempts=steps.attempts + 1,
             )
@@ -98,7 +102,7 @@ class HotStatements:
             .where(open_step)
             .values(
                 state=DONE,
-                completed_at=at,
+                completed_at=now,
                 outcome="ok",
                 content_type=bindparam("b_type"),
                 result=bindparam("b_result"),
@@ -107,12 +111,12 @@ class HotStatements:
         self.record_error = (
             update(s.steps)
             .where(open_step)
-            .values(state=DONE, completed_at=at, outcome="error", error=bindparam("b_error"))
+            .values(state=DONE, completed_at=now, outcome="error", error=bindparam("b_error"))
         )
         # Lost in a database crash, a set flag only delays the sweeper's wake. Inside a
         # transaction that must be durable (a signal, a timer) the flag waits for the disk.
-        self.flag_wake_fast = wake_flag_update(no_disk_wait)
-        self.flag_wake = wake_flag_update(true())
+        self.flag_wake_fast = wake_flag_update(no_disk_wait, now)
+        self.flag_wake = wake_flag_update(true(), now)
         # A clear lost in a database crash leaves the flag set with no wake in flight;
         # the sweeper wakes such a run.
         self.take_wake = (
@@ -141,10 +145,20 @@ class HotStatements:
             .values(
                 turn=bindparam("b_next", type_=Integer()),
                 status=bindparam("b_status", type_=String()),
-                updated_at=at,
+                updated_at=now,
             )
             .returning(runs.workflow, runs.parent_id, runs.parent_seq, runs.progress, runs.seq_base)
         )
+        # The new steps of a turn (rows from ``step_row``). Their times count from the
+        # database's clock at the commit: a timer's deadline is ``b_due_in`` seconds
+        # after it, whatever the clock of the host that ran the turn says. An offset of
+        # None (no deadline, not yet completed) leaves the column NULL.
+        self.insert_steps: Insert = insert(s.steps).values(
+            dispatched_at=now,
+            due_at=now + bindparam("b_due_in", type_=Float()),
+            completed_at=now + bindparam("b_done_in", type_=Float()),
+        )
+        # The observed time of a delivery is the turn's own (replay reads it back).
         self.deliver = (
             update(s.steps)
             .where(

@@ -15,7 +15,6 @@ from collections.abc import Collection
 from sqlalchemy import Connection, and_, func, select, update
 
 from ..errors import StepLostError
-from . import _clock
 from . import _schema as s
 from ._base import RunWake, StoreBase, step_is
 from ._records import CLAIMED, DONE, SCHEDULED, ErrorInfo, LossPolicy
@@ -57,7 +56,6 @@ class StepClaims(StoreBase):
             "b_dispatch": dispatch_id,
             "b_retries": retries,
             "b_worker": worker,
-            "b_at": _clock.now(),
         }
         with self._each_statement_commits() as conn:
             return bool(conn.execute(self._hot.claim, params).rowcount == 1)
@@ -66,7 +64,6 @@ class StepClaims(StoreBase):
         """Renew ``worker``'s claims on the steps of these dispatches; returns how many."""
         if not dispatch_ids:
             return 0
-        at = _clock.now()
         renewed = 0
         ids = sorted(dispatch_ids)
         with self._each_statement_commits() as conn:
@@ -78,7 +75,7 @@ class StepClaims(StoreBase):
                         s.steps.c.claimed_by == worker,
                         s.steps.c.dispatch_id.in_(ids[start : start + 500]),
                     )
-                    .values(renewed_at=at)
+                    .values(renewed_at=self._now)
                 ).rowcount
         return renewed
 
@@ -97,8 +94,7 @@ class StepClaims(StoreBase):
         ``retrying``: an earlier try of this call failed midway, so the outcome may be
         recorded already while its wake was not flagged: flag it now.
         """
-        at = _clock.now()
-        key = {"b_run": run_id, "b_seq": seq, "b_at": at}
+        key = {"b_run": run_id, "b_seq": seq}
         if error is not None:
             record, values = self._hot.record_error, {**key, "b_error": error}
         else:
@@ -135,7 +131,6 @@ class StepClaims(StoreBase):
         cleanly): no loss counted, sent at once. Returns the run to wake when the loss
         was one too many and failed the step with ``StepLostError`` instead.
         """
-        at = _clock.now()
         with self._transaction() as conn:
             self._lock_run(conn, run_id)
             claimed = step_is(run_id, seq, CLAIMED)
@@ -150,15 +145,15 @@ class StepClaims(StoreBase):
                 return None
             losses = (row.losses or 0) + (1 if lost else 0)
             if losses > policy.max_losses:
-                return self._fail_lost(conn, run_id, seq, row.name, losses, row.attempts, at)
+                return self._fail_lost(conn, run_id, seq, row.name, losses, row.attempts)
             conn.execute(
                 update(s.steps)
                 .where(claimed)
                 .values(
                     state=SCHEDULED,
                     dispatch_id=str(uuid.uuid4()),
-                    dispatched_at=at,
-                    due_at=at + policy.delay(losses) if lost else at,
+                    dispatched_at=self._now,
+                    due_at=self._now + (policy.delay(losses) if lost else 0.0),
                     claimed_by=None,
                     claimed_retries=None,
                     renewed_at=None,
@@ -176,7 +171,6 @@ class StepClaims(StoreBase):
         name: str,
         losses: int,
         attempts: int,
-        at: float,
     ) -> RunWake | None:
         """Fail a step lost once too often (the run's row is locked); returns its wake."""
         conn.execute(
@@ -186,10 +180,10 @@ class StepClaims(StoreBase):
                 state=DONE,
                 outcome="error",
                 error=lost_error(run_id, seq, name, losses, attempts),
-                completed_at=at,
+                completed_at=self._now,
                 losses=losses,
                 claimed_by=None,
                 renewed_at=None,
             )
         )
-        return self._flag_wake(conn, run_id, at, locked=True)
+        return self._flag_wake(conn, run_id, locked=True)

@@ -84,8 +84,10 @@ class TurnWrites(StoreBase):
         :meth:`_lock_parent_of`); the parent's row only when the run finishes.
         """
         turn, at = write.turn, write.at
-        # Turn, status and time are bound parameters of the prebuilt fenced update; only
-        # a turn that changes more adds values to it.
+        # Turn and status are bound parameters of the prebuilt fenced update; only a turn
+        # that changes more adds values to it. ``at`` is the turn's own time (what
+        # workflow.now() said, read back by replays); every time the sweepers compare is
+        # the database's.
         extra: dict[str, Any] = {}
         if turn == 0:
             extra["started_at"] = at
@@ -117,14 +119,15 @@ class TurnWrites(StoreBase):
                 conn.execute(self._hot.deliver, {**key, "b_seqs": list(write.delivered)})
             if write.new_steps:
                 conn.execute(
-                    insert(s.steps), [step_row(run_id, turn + 1, at, n) for n in write.new_steps]
+                    self._hot.insert_steps,
+                    [step_row(run_id, turn + 1, at, n) for n in write.new_steps],
                 )
             for child in write.children:
-                conn.execute(insert(s.runs).values(**run_row(child, at)))
-            cancelled = self._cancel_steps(conn, run_id, write.cancelled, at)
+                conn.execute(insert(s.runs).values(**run_row(child, self._now)))
+            cancelled = self._cancel_steps(conn, run_id, write.cancelled)
             # In this commit, not after it: a crash between the two would leave the
             # children running with nobody waiting for them.
-            cancelled_children = self._cancel_children(conn, cancelled, at)
+            cancelled_children = self._cancel_children(conn, cancelled)
             # Matching reads every step of the run, so only a turn that adds a wait, or
             # gives a cancelled wait's signal back, does it: a signal that finds its wait
             # already there is matched by send_signal.
@@ -132,12 +135,12 @@ class TurnWrites(StoreBase):
             if any(n.kind == "signal" for n in write.new_steps) or any(
                 c.kind == "signal" for c in cancelled
             ):
-                signals_matched = self._match_signals(conn, run_id, at)
+                signals_matched = self._match_signals(conn, run_id)
             parent = None
             if finishing and row.parent_id is not None:
-                parent = self._complete_parent_step(conn, row.parent_id, row.parent_seq, write, at)
+                parent = self._complete_parent_step(conn, row.parent_id, row.parent_seq, write)
             if write.restart is not None:
-                self._restart(conn, run_id, write.restart, at)
+                self._restart(conn, run_id, write.restart)
         return TurnCommitted(
             signals_matched=signals_matched,
             cancelled=cancelled,
@@ -146,7 +149,7 @@ class TurnWrites(StoreBase):
         )
 
     def _cancel_steps(
-        self, conn: Connection, run_id: str, seqs: Sequence[int], at: float
+        self, conn: Connection, run_id: str, seqs: Sequence[int]
     ) -> list[CancelledStep]:
         if not seqs:
             return []
@@ -159,7 +162,7 @@ class TurnWrites(StoreBase):
                     s.steps.c.state.in_(OPEN_STEP_STATES),
                 )
             )
-            .values(state=STEP_CANCELLED, completed_at=at)
+            .values(state=STEP_CANCELLED, completed_at=self._now)
             .returning(s.steps.c.seq, s.steps.c.kind, s.steps.c.dispatch_id, s.steps.c.child_id)
         ).all()
         # A signal a cancelled wait had already taken goes back to the buffer for the next.
@@ -175,7 +178,7 @@ class TurnWrites(StoreBase):
         return [CancelledStep(r.seq, r.kind, r.dispatch_id, r.child_id) for r in rows]
 
     def _cancel_children(
-        self, conn: Connection, cancelled: Sequence[CancelledStep], at: float
+        self, conn: Connection, cancelled: Sequence[CancelledStep]
     ) -> list[RunWake]:
         """Ask the child run of each cancelled child step to cancel; returns the wakes.
 
@@ -184,14 +187,12 @@ class TurnWrites(StoreBase):
         """
         wakes = []
         for child_id in sorted({c.child_id for c in cancelled if c.kind == CHILD and c.child_id}):
-            _asked, wake = self._ask_to_cancel(conn, child_id, at)
+            _asked, wake = self._ask_to_cancel(conn, child_id)
             if wake is not None:
                 wakes.append(wake)
         return wakes
 
-    def _ask_to_cancel(
-        self, conn: Connection, run_id: str, at: float
-    ) -> tuple[bool, RunWake | None]:
+    def _ask_to_cancel(self, conn: Connection, run_id: str) -> tuple[bool, RunWake | None]:
         """Set the run's cancel request and its wake flag, unless it has finished or was
         asked already; returns whether it was asked now, and the wake to publish."""
         asked = conn.execute(
@@ -203,16 +204,16 @@ class TurnWrites(StoreBase):
                     s.runs.c.cancel_requested.is_not(True),
                 )
             )
-            .values(cancel_requested=True, updated_at=at)
+            .values(cancel_requested=True, updated_at=self._now)
         ).rowcount
         if not asked:
             return False, None
         # The update above holds the row. A driver whose turn read the run before this
         # commit cleared the flag first, so the flag is set again here and it (or the
         # sweeper, should the wake be lost) delivers the cancellation in a later turn.
-        return True, self._flag_wake(conn, run_id, at, locked=True)
+        return True, self._flag_wake(conn, run_id, locked=True)
 
-    def _match_signals(self, conn: Connection, run_id: str, at: float) -> bool:
+    def _match_signals(self, conn: Connection, run_id: str) -> bool:
         """Give buffered signals to waiting steps of the same name, oldest to oldest."""
         waits = conn.execute(
             select(s.steps.c.seq, s.steps.c.name)
@@ -250,13 +251,12 @@ class TurnWrites(StoreBase):
             conn.execute(
                 update(s.signals).where(s.signals.c.id == signal.id).values(consumed_seq=wait.seq)
             )
-            self._give_signal(conn, run_id, wait.seq, signal.content_type, signal.payload, at)
+            self._give_signal(conn, run_id, wait.seq, signal.content_type, signal.payload)
             matched = True
         return matched
 
-    @staticmethod
     def _give_signal(
-        conn: Connection, run_id: str, seq: int, content_type: str, payload: bytes, at: float
+        self, conn: Connection, run_id: str, seq: int, content_type: str, payload: bytes
     ) -> None:
         """Complete signal-wait step ``seq`` with a signal's payload as its outcome."""
         conn.execute(
@@ -267,18 +267,18 @@ class TurnWrites(StoreBase):
                 outcome="ok",
                 content_type=content_type,
                 result=payload,
-                completed_at=at,
+                completed_at=self._now,
             )
         )
 
     def _complete_parent_step(
-        self, conn: Connection, parent_id: str, parent_seq: int | None, write: TurnWrite, at: float
+        self, conn: Connection, parent_id: str, parent_seq: int | None, write: TurnWrite
     ) -> RunWake | None:
         """Record a finished child's end on its parent's step and flag the parent's wake.
 
         The caller has locked the parent's row first (:meth:`_lock_parent_of`).
         """
-        values: dict[str, Any] = {"state": DONE, "completed_at": at}
+        values: dict[str, Any] = {"state": DONE, "completed_at": self._now}
         if write.status == SUCCESS and write.result is not None:
             values.update(outcome="ok", content_type=write.result[0], result=write.result[1])
         else:
@@ -288,11 +288,9 @@ class TurnWrites(StoreBase):
         ).rowcount
         if not moved:
             return None
-        return self._flag_wake(conn, parent_id, at, locked=True)
+        return self._flag_wake(conn, parent_id, locked=True)
 
-    def _restart(
-        self, conn: Connection, run_id: str, new_input: tuple[str, bytes], at: float
-    ) -> None:
+    def _restart(self, conn: Connection, run_id: str, new_input: tuple[str, bytes]) -> None:
         top = conn.execute(
             select(func.max(s.steps.c.seq)).where(s.steps.c.run_id == run_id)
         ).scalar_one_or_none()
@@ -322,6 +320,6 @@ class TurnWrites(StoreBase):
                     (s.runs.c.cancel_turn.is_(None), s.runs.c.cancel_requested), else_=None
                 ),
                 wake_pending=True,
-                wake_sent_at=at,
+                wake_sent_at=self._now,
             )
         )

@@ -4,7 +4,8 @@ Every worker runs a :class:`Sweeper` (started by the worker bootstep). It renews
 every heartbeat, the claims of the step messages this worker holds (a claim is a lease),
 and each pass it:
 
-1. records a heartbeat for this worker;
+1. records a heartbeat for this worker (the first time, it also retires the older
+   workers of its node name that it can see are dead: see ``_identity``);
 2. gives new dispatches to steps whose claim expired: their worker stopped, died, or
    lost the message (a broker restart takes what a worker had prefetched); they are sent
    again after a backoff, and a step lost too often fails with ``StepLostError``;
@@ -25,7 +26,6 @@ Many workers may sweep at once: each item is taken by one of them in a fenced up
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -37,6 +37,7 @@ from .._codec import encode_error
 from .._config import settings_for, store_for
 from ..errors import DurableError, UnknownWorkflowError
 from ..store import STUCK, RunRecord, is_unreachable
+from . import _identity
 from ._claims import held_dispatches
 from ._messages import publish_wake
 from ._republish import resend, retry_run
@@ -61,6 +62,8 @@ class Sweeper:
         # outage nobody could renew a lease, so expired-looking claims are only taken
         # once their holders have had a whole timeout to renew them again.
         self._reachable_since = time.monotonic()
+        self.info = _identity.info(worker_id, hostname)
+        self._predecessors_checked = False
 
     @property
     def heartbeat_interval(self) -> float:
@@ -70,8 +73,29 @@ class Sweeper:
     def heartbeat(self) -> int:
         """Record that this worker is alive and renew its claims; returns how many."""
         store = store_for(self.app)
-        store.heartbeat(self.worker_id, self.hostname, os.getpid())
+        store.heartbeat(self.info)
+        if not self._predecessors_checked:
+            self.retire_predecessors()
         return store.renew_leases(self.worker_id, held_dispatches())
+
+    def retire_predecessors(self) -> int:
+        """Record as gone the older workers of this node name on this machine whose
+        process is dead (this worker was restarted after a crash), so that their claims
+        are released at once instead of after ``durable_worker_timeout``; returns how
+        many. A live worker sharing the node name is left alone.
+        """
+        store = store_for(self.app)
+        gone = [w.id for w in store.live_workers_named(self.info) if _identity.is_gone(w)]
+        retired = store.retire_workers(gone)
+        self._predecessors_checked = True
+        if retired:
+            logger.warning(
+                "celery_durable: %d earlier worker(s) named %s on this machine are dead; "
+                "their steps are released",
+                retired,
+                self.hostname,
+            )
+        return retired
 
     def sweep(self, leases_may_expire: bool | None = None) -> dict[str, int]:
         """One recovery pass; returns counts of what it re-sent.
