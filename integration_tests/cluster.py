@@ -107,17 +107,20 @@ class Cluster:
         env: dict[str, str] | None = None,
         pool: str | None = None,
         include: Sequence[str] = (),
+        nodename: str | None = None,
     ) -> WorkerProcess:
         """A worker node on this test's queue (started unless ``start=False``); ``env``
-        adds settings (see ``wfapp``) for this worker only."""
+        adds settings (see ``wfapp``) for this worker only. Its node name is built from
+        ``name`` unless ``nodename`` gives it (replicas started with one ``-n``)."""
         worker = WorkerProcess(
-            f"{name}-{self.queue}@localhost",
+            nodename or f"{name}-{self.queue}@localhost",
             {**self.env, **(env or {})},
             self.log_dir,
             pool=pool or self.setup.pool,
             concurrency=concurrency,
             queues=queues or [self.queue],
             include=include,
+            label=name,
         )
         self.workers.append(worker)
         return worker.start() if start else worker

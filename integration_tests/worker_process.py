@@ -49,8 +49,12 @@ class WorkerProcess:
         concurrency: int,
         queues: Sequence[str],
         include: Sequence[str] = (),
+        label: str | None = None,
     ) -> None:
+        """``label`` names the worker's log files (default: the node name's first part;
+        two workers sharing a node name need labels of their own)."""
         self.nodename = nodename
+        self.label = label or nodename.split("@")[0]
         self.env = dict(env)
         self.log_dir = log_dir
         self.pool = pool
@@ -99,7 +103,7 @@ class WorkerProcess:
     def start(self, wait_ready: bool = True, timeout: float = 60.0) -> WorkerProcess:
         """Start the worker (again); by default wait until it consumes."""
         assert self._proc is None or self._proc.poll() is not None, "already running"
-        log = self.log_dir / f"{self.nodename.split('@')[0]}-{len(self.logs) + 1}.log"
+        log = self.log_dir / f"{self.label}-{len(self.logs) + 1}.log"
         self.logs.append(log)
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(
