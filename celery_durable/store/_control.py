@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy import Connection, and_, case, func, insert, select, update
 
 from ..errors import DurableError, SignalError, WorkflowNotFoundError
 from . import _clock
@@ -265,7 +265,10 @@ class RunControl(TurnWrites):
         """
         at = _clock.now()
         with self._transaction() as conn:
-            row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
+            # The run's row first, then its steps (the lock order).
+            row = conn.execute(
+                select(s.runs).where(s.runs.c.id == run_id).with_for_update(key_share=True)
+            ).first()
             if row is None:
                 raise WorkflowNotFoundError(f"no workflow run with id {run_id!r} to retry")
             run = run_record(row)
@@ -325,6 +328,8 @@ class RunControl(TurnWrites):
                         losses=0,
                         dispatch_id=str(uuid.uuid4()),
                         dispatched_at=at,
+                        # Sent again by the caller after this commit.
+                        stall_from=case((s.steps.c.kind == "activity", at), else_=None),
                     )
                 )
             conn.execute(

@@ -262,6 +262,8 @@ def step_row(run_id: str, turn: int, at: float, step: NewStep) -> dict[str, Any]
         "dispatch_id": step.dispatch_id,
         "dispatched_at": at,
         "due_at": step.due,
+        # A task step's message is sent right after this commit; it goes stale from now.
+        "stall_from": at if step.kind == "activity" and step.state == SCHEDULED else None,
         "losses": 0,
         "redispatches": 0,
         "attempts": 0,
