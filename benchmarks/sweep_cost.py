@@ -7,13 +7,15 @@
 Times, on each store, what every worker's sweeper runs: one recovery pass (heartbeat,
 expired claims, stale messages, lost wakes twice, stuck runs; see ``worker.Sweeper.sweep``)
 and one poll for due timers and backoffs (``Sweeper.poll_due``, every 0.5 s), each
-operation on its own, first on empty tables, then with the tables filled directly in
+operation on its own, on empty tables and on tables filled directly in
 SQL: ``--runs`` runs waiting (half on timers due in months, half on signal waits) and
-``--finished-steps`` delivered steps of finished runs. Nothing is due in either state, so
-both should cost about the same: the table prints the median of ``--repeat`` timings
-and the ratio full/empty. ``--explain`` prints the plan of each statement the operations
-ran on the full tables (PostgreSQL's after ANALYZE, which autovacuum would have run;
-SQLite's without statistics, as a deployment has them).
+``--finished-steps`` delivered steps of finished runs. Nothing is due in either, so both
+should cost about the same: the table prints the median of ``--repeat`` timings and the
+ratio full/empty. The empty and the full store are timed in turns, pass by pass, so
+load from elsewhere on the machine weighs on both alike. ``--explain`` prints the plan
+of each statement the operations ran on the full tables (PostgreSQL's after VACUUM
+ANALYZE, which autovacuum would have run; SQLite's without statistics, as a deployment
+has them).
 
 PostgreSQL runs in a schema of its own in the benchmark's database (dropped afterwards),
 SQLite in a temporary file; nothing else is touched. Nothing is asserted.
@@ -142,17 +144,18 @@ def fill(store: Any, runs: int, finished_steps: int, per_run: int) -> float:
         f"INSERT INTO durable_steps ({step_columns}) {series(finished_steps)} "
         f"SELECT 'f-' || ((i - 1) / {per_run} + 1), (i - 1) % {per_run} + 1, 'activity', "
         f"'task', 1, 'DELIVERED', 'fd-' || i, {past}, 0, 1, 'application/json', {blob}, "
-        f"'ok', {blob}, {past}, 2, {past}, NULL, {past}, 0 FROM series",
+        f"'ok', {blob}, {past}, 2, {past}, NULL, NULL, 0 FROM series",
     ]
     with store.engine.begin() as conn:
         for statement in statements:
             # psycopg reads % as the start of a placeholder.
             conn.exec_driver_sql(statement.replace("%", "%%") if pg else statement)
     if pg:
-        # What autovacuum does after a bulk load: the planner learns the tables' sizes.
+        # What autovacuum does after a bulk load (the planner learns the tables' sizes),
+        # done now so that it does not run during the timings.
         with store.engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(
-                "ANALYZE durable_runs, durable_steps, durable_workers"
+                "VACUUM ANALYZE durable_runs, durable_steps, durable_workers"
             )
     return time.perf_counter() - began
 
@@ -183,27 +186,34 @@ def operations(store: Any) -> dict[str, dict[str, Callable[[], Any]]]:
     }
 
 
-def time_all(store: Any, repeat: int) -> dict[str, float]:
-    """Median seconds of each operation and of each phase as a whole."""
-    timings: dict[str, float] = {}
-    for phase, ops in operations(store).items():
-        per_op: dict[str, list[float]] = {name: [] for name in ops}
-        totals = []
+def time_all(stores: list[Any], repeat: int) -> list[dict[str, float]]:
+    """Median seconds of each operation and of each phase as a whole, per store.
+
+    The stores take turns, pass by pass, so that whatever else the machine does
+    meanwhile weighs on each of them alike.
+    """
+    timings: list[dict[str, float]] = [{} for _ in stores]
+    phases = [operations(store) for store in stores]
+    for phase in phases[0]:
+        per_op = [{name: [] for name in phases[0][phase]} for _ in stores]
+        totals: list[list[float]] = [[] for _ in stores]
         for attempt in range(repeat + 2):
-            total = 0.0
-            for name, op in ops.items():
-                began = time.perf_counter()
-                found = op()
-                took = time.perf_counter() - began
-                assert not found, f"{name} found work: the benchmark's tables are wrong"
-                total += took
-                if attempt >= 2:  # warm-up: connections, statement caches
-                    per_op[name].append(took)
-            if attempt >= 2:
-                totals.append(total)
-        for name, values in per_op.items():
-            timings[f"  {name}"] = statistics.median(values)
-        timings[phase] = statistics.median(totals)
+            for i in range(len(stores)):
+                total = 0.0
+                for name, op in phases[i][phase].items():
+                    began = time.perf_counter()
+                    found = op()
+                    took = time.perf_counter() - began
+                    assert not found, f"{name} found work: the benchmark's tables are wrong"
+                    total += took
+                    if attempt >= 2:  # warm-up: connections, statement caches
+                        per_op[i][name].append(took)
+                if attempt >= 2:
+                    totals[i].append(total)
+        for i in range(len(stores)):
+            for name, values in per_op[i].items():
+                timings[i][f"  {name}"] = statistics.median(values)
+            timings[i][phase] = statistics.median(totals[i])
     return timings
 
 
@@ -252,15 +262,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rows: list[tuple[str, str, float, float]] = []
     for kind in [k.strip() for k in args.stores.split(",") if k.strip()]:
-        with fresh_store(kind, args.store_url) as store:
-            empty = time_all(store, args.repeat)
+        with fresh_store(kind, args.store_url) as bare, fresh_store(kind, args.store_url) as store:
+            bare.ensure_schema()
             took = fill(store, args.runs, args.finished_steps, args.steps_per_run)
             print(
                 f"{kind}: filled {args.runs:,} waiting runs and {args.finished_steps:,} "
                 f"finished steps in {took:.1f} s",
                 flush=True,
             )
-            full = time_all(store, args.repeat)
+            empty, full = time_all([bare, store], args.repeat)
             if args.explain:
                 print(f"\n== {kind}: plans on the full tables ==")
                 explain(store)

@@ -1249,7 +1249,7 @@ def test_an_older_store_is_upgraded_in_place_and_keeps_its_runs(url: str, versio
         assert "woken_at" not in columns
         assert wake_sent_at == 5.0
         # Version 6 replaced the steps' indexes with ones that match the sweeper's queries.
-        assert {"ix_durable_steps_state_kind_due", "ix_durable_steps_state_stall"} <= indexes
+        assert {"ix_durable_steps_state_kind_due", "ix_durable_steps_stall"} <= indexes
         assert not {"ix_durable_steps_state_due", "ix_durable_steps_state_dispatched"} & indexes
         assert {"due_at", "renewed_at", "losses"} <= step_columns
         assert "clean_stop" in worker_columns

@@ -170,14 +170,13 @@ class Recovery(StepClaims):
         with self._read() as conn:
             rows = conn.execute(
                 select(steps.run_id, steps.seq, steps.redispatches)
-                .where(
-                    # Timers, signal waits and children wait on purpose and have no
-                    # stall_from; nor has a step backing off after a lost worker (it has
-                    # not been sent yet).
-                    steps.state == SCHEDULED,
-                    steps.stall_from < cutoff,
-                    steps.kind == "activity",
-                )
+                # Only a task step SCHEDULED with its message out has a stall_from:
+                # timers, signal waits and children wait on purpose, a step backing off
+                # after a lost worker has not been sent yet, and claiming, recording or
+                # cancelling a step clears it. So this is the partial index's range and
+                # nothing else (a condition on state would let SQLite's planner pick an
+                # index by state instead); the update below checks the state.
+                .where(steps.stall_from < cutoff)
                 .order_by(steps.stall_from, steps.run_id, steps.seq)
                 .limit(limit)
             ).all()

@@ -17,6 +17,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    text,
 )
 
 __all__ = [
@@ -175,13 +176,20 @@ steps = Table(
     # When the stall timeout of the step's current message starts counting: the time it
     # was sent, moved later by the backoff each time the sweeper sends a copy (so that
     # "stale" is one index range, and the backoff is applied before any LIMIT). NULL: no
-    # message is out that could go stale (not a task step, or not sent yet).
+    # message is out that could go stale (not a task step, not sent yet, or no longer
+    # SCHEDULED: claiming, recording and cancelling clear it, which keeps its index as
+    # small as the messages out and the planner's estimates right).
     Column("stall_from", Float, nullable=True),
     # Each periodic query of the sweeper reads one range of one index (see ``_recovery``):
-    # stale messages (SCHEDULED, stall_from), due timers and backoffs (SCHEDULED, kind,
-    # due_at), outcomes not delivered (DONE, completed_at) and, by the prefix of the
-    # latter, expired claims (CLAIMED: as many as the steps in flight).
-    Index("ix_durable_steps_state_stall", "state", "stall_from"),
+    # stale messages (stall_from, of the steps that have one), due timers and backoffs
+    # (SCHEDULED, kind, due_at), outcomes not delivered (DONE, completed_at) and, by a
+    # prefix, expired claims (CLAIMED: as many as the steps in flight).
+    Index(
+        "ix_durable_steps_stall",
+        "stall_from",
+        postgresql_where=text("stall_from IS NOT NULL"),
+        sqlite_where=text("stall_from IS NOT NULL"),
+    ),
     Index("ix_durable_steps_state_kind_due", "state", "kind", "due_at"),
     Index("ix_durable_steps_state_completed", "state", "completed_at"),
 )

@@ -88,6 +88,8 @@ class HotStatements:
                 renewed_at=at,
                 claimed_retries=retries,
                 attempts=steps.attempts + 1,
+                # Only messages out and unclaimed keep a stall_from (see the schema).
+                stall_from=None,
             )
         )
         open_step = and_(
@@ -102,12 +104,19 @@ class HotStatements:
                 outcome="ok",
                 content_type=bindparam("b_type"),
                 result=bindparam("b_result"),
+                stall_from=None,
             )
         )
         self.record_error = (
             update(s.steps)
             .where(open_step)
-            .values(state=DONE, completed_at=at, outcome="error", error=bindparam("b_error"))
+            .values(
+                state=DONE,
+                completed_at=at,
+                outcome="error",
+                error=bindparam("b_error"),
+                stall_from=None,
+            )
         )
         # Lost in a database crash, a set flag only delays the sweeper's wake. Inside a
         # transaction that must be durable (a signal, a timer) the flag waits for the disk.
