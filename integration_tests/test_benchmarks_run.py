@@ -32,6 +32,7 @@ SCRIPTS = {
         "2",
     ],
     "waiting_runs.py": ["--runs", "10", "--pings", "2", "--timer-samples", "2"],
+    "sweep_cost.py": ["--runs", "20", "--finished-steps", "100", "--repeat", "1", "--explain"],
 }
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from dbclock import DbClock
-from sqlalchemy import MetaData, Table, create_engine, insert, inspect, select, update
+from sqlalchemy import Index, MetaData, Table, create_engine, insert, inspect, select, update
 
 from celery_durable import store as _store
 from celery_durable.errors import DurableError, StoreUnavailableError, WorkflowNotFoundError
@@ -1212,6 +1212,12 @@ def _tables_of_version(version: int) -> MetaData:
             copy.name = copy.key = renamed.get((table.name, column.name), column.name)
             columns.append(copy)
         Table(table.name, old, *columns)
+    # The indexes that later versions dropped, as the versions before had them.
+    steps = old.tables["durable_steps"]
+    if version < 6:
+        Index("ix_durable_steps_state_dispatched", steps.c.state, steps.c.dispatched_at)
+        if "due_at" in steps.c:
+            Index("ix_durable_steps_state_due", steps.c.state, steps.c.due_at)
     return old
 
 
@@ -1259,6 +1265,23 @@ def test_an_older_store_is_upgraded_in_place_and_keeps_its_runs(url: str, versio
                 input=b"null",
             )
         )
+        # A task's message out since 7.0, never claimed.
+        conn.execute(
+            insert(old.tables["durable_steps"]).values(
+                run_id="old-run",
+                seq=2,
+                kind="activity",
+                name="charge",
+                created_turn=2,
+                state=SCHEDULED,
+                dispatch_id="d-2",
+                dispatched_at=7.0,
+                redispatches=0,
+                attempts=0,
+                content_type=JSON,
+                input=b"[[], {}, {}]",
+            )
+        )
     engine.dispose()
 
     store = Store(url)
@@ -1266,7 +1289,7 @@ def test_an_older_store_is_upgraded_in_place_and_keeps_its_runs(url: str, versio
         run = store.require_run("old-run")  # reading needs the new columns
         assert (run.status, run.turn, run.attempt, run.seq_base) == (RUNNING, 2, 1, 0)
         assert (run.incarnation, run.cancel_at, run.parent_id) == (0, None, None)
-        [timer] = store.history("old-run")
+        timer, _task = store.history("old-run")
         assert timer.due_at == 7.0
         with store.engine.connect() as conn:
             stored = conn.execute(
@@ -1282,10 +1305,14 @@ def test_an_older_store_is_upgraded_in_place_and_keeps_its_runs(url: str, versio
         assert {"cancel_at", "parent_id", "progress", "incarnation", "wake_sent_at"} <= columns
         assert "woken_at" not in columns
         assert wake_sent_at == 5.0
-        assert "ix_durable_steps_state_due" in indexes
+        # Version 6 replaced the steps' indexes with ones that match the sweeper's queries.
+        assert {"ix_durable_steps_state_kind_due", "ix_durable_steps_stall"} <= indexes
+        assert not {"ix_durable_steps_state_due", "ix_durable_steps_state_dispatched"} & indexes
         assert {"due_at", "renewed_at", "losses"} <= step_columns
         assert "clean_stop" in worker_columns
-        # The timer fires from its upgraded deadline.
+        # The timer fires from its upgraded deadline, the message goes stale from when it
+        # was sent.
         assert store.fire_due_timers() == [("old-run", "shop.checkout", {})]
+        assert [(d.run_id, d.seq) for d in store.stale_dispatches(10)] == [("old-run", 2)]
     finally:
         store.dispose()

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy import Connection, and_, case, func, insert, select, update
 
 from ..errors import DurableError, SignalError, WorkflowNotFoundError
 from . import _schema as s
@@ -259,7 +259,10 @@ class RunControl(TurnWrites):
         Returns the previous status; the caller publishes a wake.
         """
         with self._transaction() as conn:
-            row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
+            # The run's row first, then its steps (the lock order).
+            row = conn.execute(
+                select(s.runs).where(s.runs.c.id == run_id).with_for_update(key_share=True)
+            ).first()
             if row is None:
                 raise WorkflowNotFoundError(f"no workflow run with id {run_id!r} to retry")
             run = run_record(row)
@@ -319,6 +322,8 @@ class RunControl(TurnWrites):
                         losses=0,
                         dispatch_id=str(uuid.uuid4()),
                         dispatched_at=self._now,
+                        # Sent again by the caller after this commit.
+                        stall_from=case((s.steps.c.kind == "activity", self._now), else_=None),
                     )
                 )
             conn.execute(

@@ -1,9 +1,10 @@
 """Creating the tables, and upgrading a store written by an older celery_durable.
 
 Each schema version names what it added (:data:`~._schema.ADDED_COLUMNS`), renamed
-(:data:`~._schema.RENAMED_COLUMNS`) and, where old rows need it, how their data moves
-(:data:`DATA_STEPS`). An upgrade applies them in order inside one transaction that holds
-the version row, so processes starting together upgrade once.
+(:data:`~._schema.RENAMED_COLUMNS`), dropped (:data:`~._schema.DROPPED_INDEXES`) and,
+where old rows need it, how their data moves (:data:`DATA_STEPS`). An upgrade applies
+them in order inside one transaction that holds the version row, so processes starting
+together upgrade once.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ logger = logging.getLogger(__name__)
 DATA_STEPS: dict[int, list[str]] = {
     # Timers kept their deadline in dispatched_at before due_at existed.
     4: ["UPDATE durable_steps SET due_at = dispatched_at WHERE kind = 'timer'"],
+    # Messages out before version 6 go stale counting from when they were sent (their
+    # backoff starts over: at most one early copy each).
+    6: [
+        "UPDATE durable_steps SET stall_from = dispatched_at "
+        "WHERE state = 'SCHEDULED' AND kind = 'activity' AND due_at IS NULL"
+    ],
 }
 
 
@@ -87,6 +94,8 @@ def _upgrade(conn: Connection) -> None:
             conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         for statement in DATA_STEPS.get(target, []):
             conn.exec_driver_sql(statement)
+        for _table, dropped in s.DROPPED_INDEXES.get(target, []):
+            conn.exec_driver_sql(f"DROP INDEX IF EXISTS {dropped}")
         logger.warning("upgraded the workflow store to schema version %d", target)
     # Indexes of tables that already existed (create_all only makes them with a table).
     for model in s.metadata.sorted_tables:

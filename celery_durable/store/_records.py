@@ -285,6 +285,8 @@ def step_row(run_id: str, turn: int, at: float, step: NewStep) -> dict[str, Any]
         "state": step.state,
         "dispatch_id": step.dispatch_id,
         "b_due_in": step.due_in,
+        # A task step's message is sent right after this commit; it goes stale from then.
+        "b_stall_in": 0.0 if step.kind == "activity" and step.state == SCHEDULED else None,
         "losses": 0,
         "redispatches": 0,
         "attempts": 0,

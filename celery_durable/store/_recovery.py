@@ -6,11 +6,12 @@ Many sweepers may run at once: each item is taken by one of them in a fenced upd
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
-    Connection,
+    Select,
     and_,
     false,
     func,
@@ -21,12 +22,14 @@ from sqlalchemy import (
     update,
 )
 
+from ..errors import UnknownWorkflowError
 from . import _schema as s
 from ._base import RunWake, load_dispatches, step_is
 from ._records import (
     ACTIVE,
     CLAIMED,
     DONE,
+    PENDING,
     SCHEDULED,
     STUCK,
     Dispatch,
@@ -131,30 +134,33 @@ class Recovery(StepClaims):
         just lost touch with the store knows that nobody could renew a lease meanwhile.
         """
         cutoff = self._now - dead_after
-        stopped = select(s.workers.c.id).where(s.workers.c.stopped_at.is_not(None))
-        clean = select(s.workers.c.id).where(s.workers.c.clean_stop.is_(True))
-        expired = (
-            func.coalesce(s.steps.c.renewed_at, s.steps.c.claimed_at) < cutoff
-            if leases
-            else false()
+        steps, workers = s.steps.c, s.workers.c
+        holder = s.workers.alias("holder")
+        # Looked up by the holder's key for each claim (the claims are the steps in
+        # flight, a few per worker), never by reading every worker that ever stopped.
+        stopped = (
+            select(holder.c.id)
+            .where(holder.c.id == steps.claimed_by, holder.c.stopped_at.is_not(None))
+            .exists()
         )
-        holder_stopped = s.steps.c.claimed_by.in_(stopped)
+        clean = (
+            select(workers.id)
+            .where(workers.id == steps.claimed_by, workers.clean_stop.is_(True))
+            .exists()
+        )
+        expired = func.coalesce(steps.renewed_at, steps.claimed_at) < cutoff if leases else false()
         with self._read() as conn:
             rows = conn.execute(
-                select(
-                    s.steps.c.run_id,
-                    s.steps.c.seq,
-                    s.steps.c.claimed_by.in_(clean).label("clean"),
-                )
-                .where(s.steps.c.state == CLAIMED, or_(holder_stopped, expired))
-                .order_by(s.steps.c.claimed_at)
+                select(steps.run_id, steps.seq, clean.label("clean"))
+                .where(steps.state == CLAIMED, or_(stopped, expired))
+                .order_by(steps.claimed_at, steps.run_id, steps.seq)
                 .limit(limit)
             ).all()
         wakes = []
-        for run_id, seq, clean in rows:
+        for run_id, seq, was_clean in rows:
             # A worker that stopped cleanly finished every step it ran: what it still
             # holds are messages it never started, which are no loss of the step.
-            wake = self.release_step(run_id, seq, policy, lost=not clean)
+            wake = self.release_step(run_id, seq, policy, lost=not was_clean)
             if wake is not None:
                 wakes.append(wake)
         return wakes
@@ -163,66 +169,101 @@ class Recovery(StepClaims):
         self, limit: int = 1000, workflows: Collection[str] | None = None
     ) -> list[Dispatch]:
         """Task steps whose backoff after a lost worker has passed, taken for sending."""
-        due = _due("activity", self._now, workflows)
+        at = self._now
         # Read first: on most polls nothing is due, and a write transaction would queue
         # behind SQLite's writer lock for nothing.
         with self._read() as conn:
-            rows = conn.execute(
-                select(s.steps.c.run_id, s.steps.c.seq)
-                .where(due)
-                .order_by(s.steps.c.due_at)
-                .limit(limit)
-            ).all()
+            rows = conn.execute(_due_steps("activity", at, workflows, limit)).all()
         if not rows:
             return []
-        with self._transaction() as conn:
-            taken = []
-            for run_id, seq in rows:
-                moved = conn.execute(
-                    update(s.steps)
-                    .where(step_is(run_id, seq, SCHEDULED), s.steps.c.due_at <= self._now)
-                    .values(due_at=None, dispatched_at=self._now)
-                ).rowcount
-                if moved:
-                    taken.append((run_id, seq))
-            return _dispatches_of(conn, taken)
+        values = {"due_at": None, "dispatched_at": at, "stall_from": at}
+        taken = self._take_each(
+            [(run_id, seq, values) for run_id, seq in rows],
+            lambda run_id, seq: and_(step_is(run_id, seq, SCHEDULED), s.steps.c.due_at <= at),
+        )
+        return self._dispatches(taken)
 
     def stale_dispatches(self, older_than: float, limit: int = 1000) -> list[Dispatch]:
         """Steps published but never claimed for a while, taken for re-publishing.
 
         Each step is taken by one sweeper only, and waits twice as long before its next
-        re-publish, so a long queue is not flooded with copies. The copies share the
-        dispatch id, so whichever is received first runs and the others are dropped.
+        re-publish (up to 64 times ``older_than``), so a long queue is not flooded with
+        copies. The copies share the dispatch id, so whichever is received first runs and
+        the others are dropped.
+
+        The backoff is stored (``stall_from`` moves later with each copy), so the steps
+        due are one range of an index, found before the limit: steps nobody consumes (a
+        mistyped queue) back off without holding back anybody else's lost message.
         """
         now = self._now
-        with self._transaction() as conn:
+        cutoff = now - older_than
+        steps = s.steps.c
+        with self._read() as conn:
             rows = conn.execute(
-                select(s.steps.c.run_id, s.steps.c.seq, s.steps.c.redispatches)
-                .where(
-                    and_(
-                        s.steps.c.state == SCHEDULED,
-                        s.steps.c.dispatched_at < now - older_than,
-                        # Timers, signal waits and children wait on purpose; only task
-                        # messages can be lost. A step backing off after a lost worker
-                        # has not been sent yet.
-                        s.steps.c.kind == "activity",
-                        s.steps.c.due_at.is_(None),
-                    )
-                )
-                .order_by(s.steps.c.dispatched_at)
+                select(steps.run_id, steps.seq, steps.redispatches)
+                # Only a task step SCHEDULED with its message out has a stall_from:
+                # timers, signal waits and children wait on purpose, a step backing off
+                # after a lost worker has not been sent yet, and claiming, recording or
+                # cancelling a step clears it. So this is the partial index's range and
+                # nothing else (a condition on state would let SQLite's planner pick an
+                # index by state instead); the update below checks the state.
+                .where(steps.stall_from < cutoff)
+                .order_by(steps.stall_from, steps.run_id, steps.seq)
                 .limit(limit)
             ).all()
-            taken = []
-            for run_id, seq, redispatches in rows:
-                wait = older_than * (2 ** min(int(redispatches), 6))
+        # Copy number n + 1 goes stale older_than * 2**n after it was sent (n at most 6).
+        items = [
+            (
+                run_id,
+                seq,
+                {
+                    "dispatched_at": now,
+                    "stall_from": now + older_than * (2 ** min(int(sent) + 1, 6) - 1),
+                    "redispatches": int(sent) + 1,
+                },
+            )
+            for run_id, seq, sent in rows
+        ]
+        taken = self._take_each(
+            items,
+            lambda run_id, seq: and_(step_is(run_id, seq, SCHEDULED), steps.stall_from < cutoff),
+        )
+        return self._dispatches(taken)
+
+    def _take_each(
+        self,
+        items: Sequence[tuple[str, int, dict[str, Any]]],
+        still_due: Callable[[str, int], ColumnElement[bool]],
+    ) -> list[tuple[str, int]]:
+        """Write each step of ``items`` (run id, seq, values) that is ``still_due``, in a
+        statement of its own; returns those taken.
+
+        Each update commits by itself (PostgreSQL), so a sweeper never holds one step's
+        row while it waits for another's: a turn or a termination holding a run and its
+        steps may be waiting for the row this sweeper holds. (SQLite has one writer at a
+        time: one transaction.)
+        """
+        taken = []
+        with self._each_statement_commits() as conn:
+            for run_id, seq, values in items:
                 moved = conn.execute(
-                    update(s.steps)
-                    .where(step_is(run_id, seq, SCHEDULED), s.steps.c.dispatched_at < now - wait)
-                    .values(dispatched_at=now, redispatches=s.steps.c.redispatches + 1)
+                    update(s.steps).where(still_due(run_id, seq)).values(**values)
                 ).rowcount
                 if moved:
                     taken.append((run_id, seq))
-            return _dispatches_of(conn, taken)
+        return taken
+
+    def _dispatches(self, taken: list[tuple[str, int]]) -> list[Dispatch]:
+        """The dispatches of the steps ``taken`` (run id, seq) that are still scheduled."""
+        if not taken:
+            return []
+        wanted = set(taken)
+        with self._read() as conn:
+            return [
+                d
+                for d in load_dispatches(conn, s.steps.c.state == SCHEDULED, taken)
+                if (d.run_id, d.seq) in wanted
+            ]
 
     def runs_to_wake(
         self,
@@ -233,130 +274,178 @@ class Recovery(StepClaims):
     ) -> list[RunRecord]:
         """Active runs with work to do whose wake looks lost; each taken by one sweeper.
 
-        ``workflows`` limits it to runs of those workflows (the ones the caller can route
-        a wake for); ``exclude`` leaves those out.
+        Three kinds, each found in a range of its own index (so a sweep costs what is
+        due, not how many runs wait): runs never driven, runs with an outcome nobody
+        delivered, and runs asked to cancel that have not seen it. ``workflows`` limits
+        it to runs of those workflows (the ones the caller can route a wake for);
+        ``exclude`` leaves those out.
         """
         now = self._now
         cutoff = now - older_than
-        has_outcome = (
-            select(s.steps.c.run_id)
-            .where(and_(s.steps.c.state == DONE, s.steps.c.completed_at < cutoff))
-            .scalar_subquery()
+        runs, steps = s.runs.c, s.steps.c
+        ours = and_(
+            true() if workflows is None else runs.workflow.in_(list(workflows)),
+            true() if not exclude else runs.workflow.not_in(list(exclude)),
         )
-        candidates = (
-            select(s.runs)
+        not_woken = or_(runs.wake_sent_at.is_(None), runs.wake_sent_at < cutoff)
+        never_driven = (
+            select(runs.id)
             .where(
-                and_(
-                    s.runs.c.status.in_(ACTIVE),
-                    or_(s.runs.c.wake_sent_at.is_(None), s.runs.c.wake_sent_at < cutoff),
-                    or_(
-                        and_(
-                            s.runs.c.turn == 0,
-                            s.runs.c.updated_at < cutoff,
-                            # A run never driven is most often just queued behind a
-                            # burst of starts. Waiting as long again as it has waited
-                            # (up to 64 periods) before each new wake keeps a backlog
-                            # from being flooded with copies of its own wakes.
-                            or_(
-                                s.runs.c.wake_sent_at - s.runs.c.created_at
-                                <= now - s.runs.c.wake_sent_at,
-                                s.runs.c.wake_sent_at < now - 64 * older_than,
-                            ),
-                        ),
-                        s.runs.c.id.in_(has_outcome),
-                        and_(
-                            s.runs.c.cancel_requested.is_(True),
-                            s.runs.c.cancel_turn.is_(None),
-                            s.runs.c.updated_at < cutoff,
-                        ),
-                    ),
-                    true() if workflows is None else s.runs.c.workflow.in_(list(workflows)),
-                    true() if not exclude else s.runs.c.workflow.not_in(list(exclude)),
-                )
+                runs.status == PENDING,
+                runs.updated_at < cutoff,
+                runs.turn == 0,
+                not_woken,
+                # A run never driven is most often just queued behind a burst of starts.
+                # Waiting as long again as it has waited (up to 64 periods) before each
+                # new wake keeps a backlog from being flooded with copies of its wakes.
+                or_(
+                    runs.wake_sent_at - runs.created_at <= now - runs.wake_sent_at,
+                    runs.wake_sent_at < now - 64 * older_than,
+                ),
+                ours,
             )
+            .order_by(runs.updated_at)
             .limit(limit)
         )
+        # Outcomes not delivered are steps DONE: few, whatever the history holds.
+        has_outcome = (
+            select(steps.run_id)
+            .join(s.runs, runs.id == steps.run_id)
+            .where(
+                steps.state == DONE,
+                steps.completed_at < cutoff,
+                runs.status.in_(ACTIVE),
+                not_woken,
+                ours,
+            )
+            .order_by(steps.completed_at)
+            .limit(limit)
+        )
+        cancel_pending = (
+            select(runs.id)
+            .where(
+                runs.cancel_requested == true(),
+                runs.status.in_(ACTIVE),
+                runs.updated_at < cutoff,
+                runs.cancel_turn.is_(None),
+                not_woken,
+                ours,
+            )
+            .order_by(runs.updated_at)
+            .limit(limit)
+        )
+        # Read first: on most sweeps no run is due, and the write transaction would
+        # queue behind SQLite's writer lock for nothing.
+        found: list[str] = []
+        with self._read() as conn:
+            for query in (never_driven, has_outcome, cancel_pending):
+                found.extend(conn.execute(query).scalars())
+        ids = sorted(set(found))
+        if not ids:
+            return []
+        candidates = select(s.runs).where(runs.id.in_(ids), runs.status.in_(ACTIVE), not_woken)
         if self.dialect == "postgresql":
-            # The runs are taken in the order found, which is no lock order: skipping a
-            # row another transaction holds (a turn, a termination locking a parent and
-            # its children) means this sweeper never waits while holding other runs, so
-            # it can never be part of a deadlock. A skipped run is found next sweep.
+            # A sweeper never waits for a run's row: skipping one another transaction
+            # holds (a turn, a termination locking a parent and its children) means it
+            # can never be part of a deadlock. A skipped run is found next sweep.
             candidates = candidates.with_for_update(skip_locked=True, key_share=True)
         with self._transaction() as conn:
             rows = conn.execute(candidates).all()
-            taken = []
-            for row in rows:
-                moved = conn.execute(
+            if not rows:
+                return []
+            taken = {
+                row.id
+                for row in conn.execute(
                     update(s.runs)
-                    .where(
-                        and_(
-                            s.runs.c.id == row.id,
-                            or_(s.runs.c.wake_sent_at.is_(None), s.runs.c.wake_sent_at < cutoff),
-                        )
-                    )
+                    .where(runs.id.in_([row.id for row in rows]), not_woken)
                     .values(wake_sent_at=now, wake_pending=True)
-                ).rowcount
-                if moved:
-                    taken.append(run_record(row))
-            return taken
+                    .returning(runs.id)
+                )
+            }
+            return [run_record(row) for row in rows if row.id in taken]
 
-    def stuck_runs(self, limit: int = 1000) -> list[RunRecord]:
-        """Runs parked as STUCK (retried when new code starts)."""
+    def stuck_runs(
+        self, limit: int = 1000, unknown_to: Collection[str] | None = None
+    ) -> list[RunRecord]:
+        """Runs parked as STUCK (retried when new code starts), the longest stuck first.
+
+        ``unknown_to``: only those parked because no worker knew their workflow, of the
+        workflows named (the ones the caller knows).
+        """
+        runs = s.runs.c
+        query = select(s.runs).where(runs.status == STUCK)
+        if unknown_to is not None:
+            query = query.where(
+                runs.workflow.in_(list(unknown_to)),
+                runs.error["type"].as_string() == UnknownWorkflowError.__name__,
+            )
         with self._read() as conn:
-            rows = conn.execute(select(s.runs).where(s.runs.c.status == STUCK).limit(limit))
+            rows = conn.execute(query.order_by(runs.updated_at, runs.id).limit(limit))
             return [run_record(r) for r in rows]
 
     def fire_due_timers(
         self, limit: int = 1000, workflows: Collection[str] | None = None
     ) -> list[RunWake]:
-        """Complete timers whose deadline has passed; returns the runs to wake.
+        """Complete timers whose deadline has passed, oldest first; returns the runs to
+        wake.
 
         ``workflows``: only timers of runs of these workflows (those the caller can
         route wakes for); None: every timer.
+
+        Each run's row is taken before its timers' (the lock order of every transaction
+        that touches a run and its steps), and only if no other transaction holds it: a
+        timer of a run in the middle of a commit fires at the next poll.
         """
+        at = self._now
+        # Read first: on most polls nothing is due (a write transaction would queue
+        # behind SQLite's writer lock for nothing).
+        with self._read() as conn:
+            due = conn.execute(_due_steps("timer", at, workflows, limit)).all()
+        if not due:
+            return []
+        run_ids = sorted({run_id for run_id, _seq in due})
+        locked = select(s.runs.c.id).where(s.runs.c.id.in_(run_ids)).order_by(s.runs.c.id)
+        if self.dialect == "postgresql":
+            locked = locked.with_for_update(skip_locked=True, key_share=True)
+        wakes = []
         with self._transaction() as conn:
-            due_now = _due("timer", self._now, workflows)
-            due = select(s.steps.c.run_id, s.steps.c.seq).where(due_now).limit(limit)
-            if self.dialect == "postgresql":
-                due = due.with_for_update(skip_locked=True)
-            rows = conn.execute(due).all()
-            if not rows:
+            held = list(conn.execute(locked).scalars())
+            if not held:
                 return []
-            fired: set[str] = set()
-            for run_id, seq in rows:
-                moved = conn.execute(
-                    update(s.steps)
-                    .where(step_is(run_id, seq, SCHEDULED))
-                    .values(state=DONE, outcome="ok", completed_at=self._now)
-                ).rowcount
-                if moved:
-                    fired.add(run_id)
-            wakes = []
-            for run_id in sorted(fired):
-                wake = self._flag_wake(conn, run_id)
+            fired = conn.execute(
+                update(s.steps)
+                .where(
+                    s.steps.c.run_id.in_(held),
+                    s.steps.c.state == SCHEDULED,
+                    s.steps.c.kind == "timer",
+                    s.steps.c.due_at <= at,
+                )
+                .values(state=DONE, outcome="ok", completed_at=at)
+                .returning(s.steps.c.run_id)
+            ).scalars()
+            for run_id in sorted(set(fired)):
+                wake = self._flag_wake(conn, run_id, locked=True)
                 if wake is not None:
                     wakes.append(wake)
-            return wakes
+        return wakes
 
 
-def _due(
-    kind: str, now: ColumnElement[float], workflows: Collection[str] | None
-) -> ColumnElement[bool]:
-    """Scheduled steps of ``kind`` due by ``now``, of runs of ``workflows`` (None: all)."""
-    due = and_(s.steps.c.state == SCHEDULED, s.steps.c.due_at <= now, s.steps.c.kind == kind)
-    if workflows is None:
-        return due
-    ours = select(s.runs.c.id).where(s.runs.c.workflow.in_(list(workflows)))
-    return and_(due, s.steps.c.run_id.in_(ours))
-
-
-def _dispatches_of(conn: Connection, taken: list[tuple[str, int]]) -> list[Dispatch]:
-    """The dispatches of the scheduled steps ``taken`` (run id, seq) by this transaction."""
-    if not taken:
-        return []
-    wanted = set(taken)
-    return [
-        d
-        for d in load_dispatches(conn, s.steps.c.state == SCHEDULED, taken)
-        if (d.run_id, d.seq) in wanted
-    ]
+def _due_steps(
+    kind: str, at: ColumnElement[float], workflows: Collection[str] | None, limit: int
+) -> Select[str, int]:
+    """Scheduled steps of ``kind`` due by ``at``, of runs of ``workflows`` (None: all),
+    the earliest first: one range of ``ix_durable_steps_state_kind_due``."""
+    steps = s.steps.c
+    query = select(steps.run_id, steps.seq).where(
+        steps.state == SCHEDULED, steps.kind == kind, steps.due_at <= at
+    )
+    if workflows is not None:
+        # Correlated, so that each due step looks its run up by key: an IN over the runs
+        # of these workflows would read every one of them.
+        ours = (
+            select(s.runs.c.id)
+            .where(s.runs.c.id == steps.run_id, s.runs.c.workflow.in_(list(workflows)))
+            .exists()
+        )
+        query = query.where(ours)
+    return query.order_by(steps.due_at, steps.run_id, steps.seq).limit(limit)

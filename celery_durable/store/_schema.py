@@ -20,10 +20,12 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    text,
 )
 
 __all__ = [
     "ADDED_COLUMNS",
+    "DROPPED_INDEXES",
     "RENAMED_COLUMNS",
     "SCHEMA_VERSION",
     "meta",
@@ -61,12 +63,21 @@ ADDED_COLUMNS: dict[int, list[tuple[str, str]]] = {
     6: [
         ("durable_workers", "machine"),
         ("durable_workers", "process_start"),
+        ("durable_steps", "stall_from"),
     ],
 }
 
 #: Columns renamed by each version, as (table, old name, new name).
 RENAMED_COLUMNS: dict[int, list[tuple[str, str, str]]] = {
     4: [("durable_runs", "woken_at", "wake_sent_at")],
+}
+
+#: Indexes each version dropped, as (table, index name); upgrades drop them if present.
+DROPPED_INDEXES: dict[int, list[tuple[str, str]]] = {
+    6: [
+        ("durable_steps", "ix_durable_steps_state_dispatched"),
+        ("durable_steps", "ix_durable_steps_state_due"),
+    ],
 }
 
 metadata = MetaData()
@@ -119,8 +130,13 @@ runs = Table(
     Column("cancel_at", Float, nullable=True),  # schema version 3
     # workflow.set_status() values.
     Column("progress", JSON, nullable=True),
+    # Each periodic query of the sweeper reads one range of one index, so that it costs
+    # what is due, not what the table holds (see ``_recovery``).
+    # Runs never driven (status PENDING), stuck runs (STUCK).
     Index("ix_durable_runs_status_updated", "status", "updated_at"),
     Index("ix_durable_runs_workflow_created", "workflow", "created_at"),
+    # Cancel requests not yet delivered (schema version 6).
+    Index("ix_durable_runs_cancel", "cancel_requested", "status", "updated_at"),
 )
 
 steps = Table(
@@ -163,9 +179,26 @@ steps = Table(
     Column("renewed_at", Float, nullable=True),
     # How many times the step was lost with the worker running or holding it.
     Column("losses", Integer, nullable=True),
-    # Finds stale messages (state, dispatched_at) and due timers (state, due_at).
-    Index("ix_durable_steps_state_dispatched", "state", "dispatched_at"),
-    Index("ix_durable_steps_state_due", "state", "due_at"),
+    # -- schema version 6 --
+    # When the stall timeout of the step's current message starts counting: the time it
+    # was sent, moved later by the backoff each time the sweeper sends a copy (so that
+    # "stale" is one index range, and the backoff is applied before any LIMIT). NULL: no
+    # message is out that could go stale (not a task step, not sent yet, or no longer
+    # SCHEDULED: claiming, recording and cancelling clear it, which keeps its index as
+    # small as the messages out and the planner's estimates right).
+    Column("stall_from", Float, nullable=True),
+    # Each periodic query of the sweeper reads one range of one index (see ``_recovery``):
+    # stale messages (stall_from, of the steps that have one), due timers and backoffs
+    # (SCHEDULED, kind, due_at), outcomes not delivered (DONE, completed_at) and, by a
+    # prefix, expired claims (CLAIMED: as many as the steps in flight).
+    Index(
+        "ix_durable_steps_stall",
+        "stall_from",
+        postgresql_where=text("stall_from IS NOT NULL"),
+        sqlite_where=text("stall_from IS NOT NULL"),
+    ),
+    Index("ix_durable_steps_state_kind_due", "state", "kind", "due_at"),
+    Index("ix_durable_steps_state_completed", "state", "completed_at"),
 )
 
 signals = Table(

@@ -92,6 +92,8 @@ class HotStatements:
                 renewed_at=now,
                 claimed_retries=retries,
                 attempts=steps.attempts + 1,
+                # Only messages out and unclaimed keep a stall_from (see the schema).
+                stall_from=None,
             )
         )
         open_step = and_(
@@ -106,12 +108,19 @@ class HotStatements:
                 outcome="ok",
                 content_type=bindparam("b_type"),
                 result=bindparam("b_result"),
+                stall_from=None,
             )
         )
         self.record_error = (
             update(s.steps)
             .where(open_step)
-            .values(state=DONE, completed_at=now, outcome="error", error=bindparam("b_error"))
+            .values(
+                state=DONE,
+                completed_at=now,
+                outcome="error",
+                error=bindparam("b_error"),
+                stall_from=None,
+            )
         )
         # Lost in a database crash, a set flag only delays the sweeper's wake. Inside a
         # transaction that must be durable (a signal, a timer) the flag waits for the disk.
@@ -157,6 +166,7 @@ class HotStatements:
             dispatched_at=now,
             due_at=now + bindparam("b_due_in", type_=Float()),
             completed_at=now + bindparam("b_done_in", type_=Float()),
+            stall_from=now + bindparam("b_stall_in", type_=Float()),
         )
         # The observed time of a delivery is the turn's own (replay reads it back).
         self.deliver = (

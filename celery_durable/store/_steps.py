@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection
 
-from sqlalchemy import Connection, and_, func, select, update
+from sqlalchemy import ColumnElement, Connection, and_, func, select, tuple_, update
 
 from ..errors import StepLostError
 from . import _schema as s
@@ -68,15 +68,25 @@ class StepClaims(StoreBase):
         ids = sorted(dispatch_ids)
         with self._each_statement_commits() as conn:
             for start in range(0, len(ids), 500):
-                renewed += conn.execute(
-                    update(s.steps)
-                    .where(
-                        s.steps.c.state == CLAIMED,
-                        s.steps.c.claimed_by == worker,
-                        s.steps.c.dispatch_id.in_(ids[start : start + 500]),
+                held: tuple[ColumnElement[bool], ...] = (
+                    s.steps.c.state == CLAIMED,
+                    s.steps.c.claimed_by == worker,
+                    s.steps.c.dispatch_id.in_(ids[start : start + 500]),
+                )
+                if self.dialect == "postgresql":
+                    # One statement renewing many steps must not wait for a step's row
+                    # while it holds others: a turn cancelling two of them holds their
+                    # run and one step and may wait for the other. A step skipped (it is
+                    # being changed) is renewed at the next heartbeat, well within its
+                    # lease.
+                    free = (
+                        select(s.steps.c.run_id, s.steps.c.seq)
+                        .where(*held)
+                        .with_for_update(skip_locked=True)
                     )
-                    .values(renewed_at=self._now)
-                ).rowcount
+                    held = (tuple_(s.steps.c.run_id, s.steps.c.seq).in_(free),)
+                renew = update(s.steps).where(*held).values(renewed_at=self._now)
+                renewed += conn.execute(renew).rowcount
         return renewed
 
     def record_outcome(
@@ -154,6 +164,8 @@ class StepClaims(StoreBase):
                     dispatch_id=str(uuid.uuid4()),
                     dispatched_at=self._now,
                     due_at=self._now + (policy.delay(losses) if lost else 0.0),
+                    # Not sent until its backoff has passed (take_due_steps): not stale.
+                    stall_from=None,
                     claimed_by=None,
                     claimed_retries=None,
                     renewed_at=None,

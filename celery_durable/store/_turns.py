@@ -162,7 +162,7 @@ class TurnWrites(StoreBase):
                     s.steps.c.state.in_(OPEN_STEP_STATES),
                 )
             )
-            .values(state=STEP_CANCELLED, completed_at=self._now)
+            .values(state=STEP_CANCELLED, completed_at=self._now, stall_from=None)
             .returning(s.steps.c.seq, s.steps.c.kind, s.steps.c.dispatch_id, s.steps.c.child_id)
         ).all()
         # A signal a cancelled wait had already taken goes back to the buffer for the next.

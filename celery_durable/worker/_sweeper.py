@@ -170,11 +170,8 @@ class Sweeper:
         of the workflows named (the ones this worker knows).
         """
         count = 0
-        for run in store_for(self.app).stuck_runs():
-            if only_unknown_to is not None:
-                unknown = (run.error or {}).get("type") == UnknownWorkflowError.__name__
-                if not (unknown and run.workflow in only_unknown_to):
-                    continue
+        # Filtered in SQL: stuck runs of other causes or workflows never hide these.
+        for run in store_for(self.app).stuck_runs(unknown_to=only_unknown_to):
             try:
                 retry_run(self.app, run.id)
                 count += 1
