@@ -33,7 +33,7 @@ __all__ = [
 
 #: Bumped whenever the tables change; each bump comes with its upgrade step in
 #: :mod:`celery_durable.store._migrations`.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: What each version added, as (table, column) pairs; upgrades add them in order.
 #: (New tables need no entry: they are created whenever they are missing.)
@@ -55,6 +55,8 @@ ADDED_COLUMNS: dict[int, list[tuple[str, str]]] = {
         ("durable_steps", "losses"),
         ("durable_workers", "clean_stop"),
     ],
+    # Version 6 added indexes only (retention), which upgrades create by themselves.
+    6: [],
 }
 
 #: Columns renamed by each version, as (table, old name, new name).
@@ -114,6 +116,10 @@ runs = Table(
     Column("progress", JSON, nullable=True),
     Index("ix_durable_runs_status_updated", "status", "updated_at"),
     Index("ix_durable_runs_workflow_created", "workflow", "created_at"),
+    # -- schema version 6 --
+    # Retention: finished top-level runs oldest first (parent_id IS NULL, finished_at,
+    # id), and a run's children (parent_id = ...).
+    Index("ix_durable_runs_parent_finished", "parent_id", "finished_at", "id"),
 )
 
 steps = Table(
