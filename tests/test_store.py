@@ -1219,6 +1219,7 @@ def test_an_older_store_is_upgraded_in_place_and_keeps_its_runs(url: str, versio
             columns = {c["name"] for c in inspector.get_columns("durable_runs")}
             wake_sent_at = conn.execute(select(_schema.runs.c.wake_sent_at)).scalar_one()
             indexes = {i["name"] for i in inspector.get_indexes("durable_steps")}
+            run_indexes = {i["name"] for i in inspector.get_indexes("durable_runs")}
             step_columns = {c["name"] for c in inspector.get_columns("durable_steps")}
             worker_columns = {c["name"] for c in inspector.get_columns("durable_workers")}
         assert stored == str(_schema.SCHEMA_VERSION)
@@ -1226,6 +1227,7 @@ def test_an_older_store_is_upgraded_in_place_and_keeps_its_runs(url: str, versio
         assert "woken_at" not in columns
         assert wake_sent_at == 5.0
         assert "ix_durable_steps_state_due" in indexes
+        assert "ix_durable_runs_parent_finished" in run_indexes  # retention (version 6)
         assert {"due_at", "renewed_at", "losses"} <= step_columns
         assert "clean_stop" in worker_columns
         # The timer fires from its upgraded deadline.
