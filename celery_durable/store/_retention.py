@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Connection, Table, and_, delete, exists, func, or_, select
+from sqlalchemy import ColumnElement, Connection, Table, and_, delete, exists, func, select, tuple_
 
 from . import _clock
 from . import _schema as s
@@ -161,18 +161,23 @@ class Retention(StoreBase):
         """
         r = s.runs.c
         expired = and_(r.status.in_(FINISHED), r.finished_at < before)
-        roots_query = select(r.id, r.finished_at).where(and_(r.parent_id.is_(None), expired))
+        # Only finished runs have finished_at (resuming or restarting clears it); the
+        # status is checked on the rows found, since SQLite, without statistics, would
+        # take the index on status for the query and sort every finished run.
+        roots_query = select(r.id, r.finished_at, r.status).where(
+            and_(r.parent_id.is_(None), r.finished_at < before)
+        )
         if after is not None:
             at, run_id = after
-            roots_query = roots_query.where(
-                or_(r.finished_at > at, and_(r.finished_at == at, r.id > run_id))
-            )
+            # A row comparison: both databases start the index scan at the mark.
+            roots_query = roots_query.where(tuple_(r.finished_at, r.id) > tuple_(at, run_id))
         roots_query = roots_query.order_by(r.finished_at, r.id).limit(limit)
         locking = lock and self.dialect == "postgresql"
         if locking:
             roots_query = roots_query.with_for_update(skip_locked=True)
-        roots = conn.execute(roots_query).all()
-        mark = (float(roots[-1].finished_at), str(roots[-1].id)) if len(roots) == limit else None
+        found = conn.execute(roots_query).all()
+        mark = (float(found[-1].finished_at), str(found[-1].id)) if len(found) == limit else None
+        roots = [row for row in found if row.status in FINISHED]
         # Down the families one generation at a time: (run, its root), unlocked.
         root_of = {str(row.id): str(row.id) for row in roots}
         generation = list(root_of)

@@ -17,6 +17,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    text,
 )
 
 __all__ = [
@@ -117,9 +118,22 @@ runs = Table(
     Index("ix_durable_runs_status_updated", "status", "updated_at"),
     Index("ix_durable_runs_workflow_created", "workflow", "created_at"),
     # -- schema version 6 --
-    # Retention: finished top-level runs oldest first (parent_id IS NULL, finished_at,
-    # id), and a run's children (parent_id = ...).
-    Index("ix_durable_runs_parent_finished", "parent_id", "finished_at", "id"),
+    # Retention: top-level runs by their end, oldest first, and a run's children. Both
+    # partial: each holds only the rows its query wants, so no planner takes one for the
+    # other's query (a batch reads just the runs it takes, in order).
+    Index(
+        "ix_durable_runs_finished_roots",
+        "finished_at",
+        "id",
+        postgresql_where=text("parent_id IS NULL"),
+        sqlite_where=text("parent_id IS NULL"),
+    ),
+    Index(
+        "ix_durable_runs_parent",
+        "parent_id",
+        postgresql_where=text("parent_id IS NOT NULL"),
+        sqlite_where=text("parent_id IS NOT NULL"),
+    ),
 )
 
 steps = Table(
