@@ -10,6 +10,7 @@
 | ``durable_cache_size`` | ``1000`` | suspended runs kept in memory per process (0: always replay) |
 | ``durable_max_redeliveries`` | ``3`` | times a step lost with its worker is sent again |
 | ``durable_redelivery_backoff`` | ``1`` s | wait before the first re-send after a loss (doubling) |
+| ``durable_result_expires`` | 7 days | age at which finished runs are deleted (0: never) |
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery
@@ -27,9 +29,19 @@ from sqlalchemy.exc import ArgumentError
 from ._codec import Codec
 from .store import LossPolicy, Store
 
-__all__ = ["DEFAULT_DATABASE_URL", "Settings", "settings_for", "store_for"]
+__all__ = [
+    "DEFAULT_DATABASE_URL",
+    "DEFAULT_RESULT_EXPIRES",
+    "Settings",
+    "settings_for",
+    "store_for",
+]
 
 DEFAULT_DATABASE_URL = "sqlite:///celery_durable.sqlite3"
+
+#: A week, not Celery's day: a failed run can be retried (``WorkflowHandle.retry``) and
+#: looked at (``celery durable show``) only while it exists, and a week spans a weekend.
+DEFAULT_RESULT_EXPIRES = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,8 @@ class Settings:
     serializer: str
     max_redeliveries: int = 3
     redelivery_backoff: float = 1.0
+    #: Seconds after its end at which a finished run is deleted; None: never.
+    result_expires: float | None = DEFAULT_RESULT_EXPIRES
 
     @property
     def codec(self) -> Codec:
@@ -68,6 +82,28 @@ def _number(app: Celery, key: str, default: float, minimum: float, unit: str = "
             f"leave it unset for the default of {default:g}"
         )
     return number
+
+
+def _expires(app: Celery) -> float | None:
+    """``durable_result_expires``: seconds or a timedelta, like Celery's ``result_expires``;
+    0 or None mean never."""
+    value: Any = app.conf.get("durable_result_expires", DEFAULT_RESULT_EXPIRES)
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    else:
+        try:
+            seconds = float(value) if not isinstance(value, bool) else float("nan")
+        except (TypeError, ValueError):
+            seconds = float("nan")
+    if not seconds >= 0:  # also rejects NaN
+        raise ImproperlyConfigured(
+            f"app.conf.durable_result_expires must be a number of seconds >= 0 or a "
+            f"timedelta, got {value!r}; write e.g. 7 * 24 * 3600 (a week, the default), or "
+            "None to keep finished runs forever"
+        )
+    return seconds or None
 
 
 def settings_for(app: Celery) -> Settings:
@@ -104,6 +140,7 @@ def settings_for(app: Celery) -> Settings:
         serializer=str(app.conf.task_serializer or "json"),
         max_redeliveries=int(_number(app, "durable_max_redeliveries", 3, 0, "times")),
         redelivery_backoff=_number(app, "durable_redelivery_backoff", 1.0, 0),
+        result_expires=_expires(app),
     )
 
 

@@ -7,6 +7,7 @@ option and reads the app's ``durable_database_url``.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -18,9 +19,11 @@ from ._config import settings_for, store_for
 from ._definition import start_by_name
 from .client import WorkflowHandle
 from .errors import DurableError
-from .worker import Sweeper, worker_id
+from .worker import GONE_WORKERS_KEPT, Sweeper, worker_id
 
-__all__ = ["durable"]
+__all__ = ["durable", "parse_duration"]
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def _when(ts: float | None) -> str:
@@ -186,3 +189,68 @@ def sweep(ctx: click.Context) -> None:
     app = _app(ctx)
     counts = Sweeper(app, worker_id(), "celery-durable-cli").sweep()
     click.echo(", ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``7d``, ``12h``, ``30m``, ``45s``, ``2w`` or plain ``3600``.
+
+    Raises:
+        click.BadParameter: anything else.
+    """
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
+    if found is None:
+        raise click.BadParameter(
+            f"{text!r} is not a duration: write a number of seconds (3600) or one with a "
+            "unit, s, m, h, d or w (12h, 7d)"
+        )
+    return float(found.group(1)) * _UNITS[found.group(2) or "s"]
+
+
+@durable.command(cls=CeleryCommand)
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    help="Delete runs that finished longer ago than this: 7d, 12h, 30m, or seconds.",
+)
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@click.pass_context
+def purge(ctx: click.Context, older_than: str, dry_run: bool) -> None:
+    """Delete finished runs (with their children, steps and signals) now.
+
+    A run goes only with its whole family: a child never before its top-level run, and
+    no family while any of its runs is still running or STUCK. Deletes in batches, each
+    its own short transaction, so workers carry on meanwhile.
+    """
+    age = parse_duration(older_than)
+    store = store_for(_app(ctx))
+    if dry_run:
+        counted = store.count_expired(age)
+        click.echo(
+            f"would delete {counted.runs} runs ({counted.steps} steps, "
+            f"{counted.signals} signals) finished more than {older_than} ago"
+        )
+        return
+    runs = steps = signals = 0
+    mark = None
+    while True:
+        batch = store.purge_finished(age, after=mark)
+        runs, steps, signals = runs + batch.runs, steps + batch.steps, signals + batch.signals
+        mark = batch.resume_after
+        if mark is None:
+            break
+    orphans, at = store.purge_orphan_signals()
+    while at:
+        deleted, at = store.purge_orphan_signals(at)
+        orphans += deleted
+    workers = 0
+    while True:
+        forgotten = store.forget_workers(GONE_WORKERS_KEPT)
+        workers += forgotten
+        if not forgotten:
+            break
+    click.echo(
+        f"deleted {runs} runs ({steps} steps, {signals} signals) finished more than "
+        f"{older_than} ago, {orphans} consumed signals of earlier incarnations, "
+        f"{workers} rows of gone workers"
+    )

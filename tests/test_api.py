@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +258,8 @@ async def awaits_a_workflow() -> Any:
         ("durable_stall_timeout", -1, "must be a number >= 0.05"),
         ("durable_worker_timeout", float("nan"), "durable_worker_timeout must be a number"),
         ("durable_cache_size", -5, "durable_cache_size must be a number >= 0"),
+        ("durable_result_expires", -1, "None to keep finished runs forever"),
+        ("durable_result_expires", "a week", "or a timedelta"),
     ],
 )
 def test_bad_settings_raise_improperly_configured_with_the_fix(
@@ -281,3 +284,16 @@ def test_default_settings(tmp_path: Path) -> None:
         30.0,
     )
     assert (settings.cache_size, settings.serializer) == (1000, "json")
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(3600, 3600.0), ("60", 60.0), (timedelta(days=1), 86400.0), (0, None), (None, None)],
+)
+def test_result_expires_takes_seconds_or_a_timedelta_and_0_or_none_for_never(
+    value: Any, seconds: float | None
+) -> None:
+    app = Celery("durable-expiry", broker="memory://", set_as_current=False)
+    assert _config.settings_for(app).result_expires == 7 * 86400.0
+    app.conf.durable_result_expires = value
+    assert _config.settings_for(app).result_expires == seconds

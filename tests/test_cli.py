@@ -90,3 +90,38 @@ def test_errors_are_clear_and_exit_non_zero() -> None:
     assert code == 1 and "nope" in out
     code, out = _celery("durable", "signal", "nope", "go")
     assert code == 1 and "no such run" in out
+
+
+@pytest.mark.usefixtures("cli_app")
+def test_purge_counts_on_a_dry_run_and_deletes_finished_runs() -> None:
+    assert _celery("durable", "start", f"{MODULE['name']}.waiter", '["o"]', "--id", "done")[0] == 0
+    assert _celery("durable", "start", f"{MODULE['name']}.waiter", '["o"]', "--id", "open")[0] == 0
+    assert _celery("durable", "terminate", "done")[0] == 0
+
+    code, out = _celery("durable", "purge", "--older-than", "7d", "--dry-run")
+    assert (code, out) == (
+        0,
+        "would delete 0 runs (0 steps, 0 signals) finished more than 7d ago\n",
+    )
+    code, out = _celery("durable", "purge", "--older-than", "0", "--dry-run")
+    assert (code, out) == (0, "would delete 1 runs (0 steps, 0 signals) finished more than 0 ago\n")
+    assert _celery("durable", "show", "done")[0] == 0  # a dry run deletes nothing
+
+    code, out = _celery("durable", "purge", "--older-than", "0")
+    assert code == 0 and out.startswith("deleted 1 runs (0 steps, 0 signals)"), out
+    code, out = _celery("durable", "show", "done")
+    assert code == 1 and "no workflow run with id 'done'" in out
+    assert _celery("durable", "show", "open")[0] == 0  # not finished: kept
+
+    code, out = _celery("durable", "purge", "--older-than", "a week")
+    assert code == 2 and "is not a duration" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("3600", 3600), ("12h", 43200), ("7d", 604800), ("30m", 1800), ("2w", 1209600), ("1.5s", 1.5)],
+)
+def test_durations_of_the_purge_command(text: str, seconds: float) -> None:
+    from celery_durable.cli import parse_duration
+
+    assert parse_duration(text) == seconds

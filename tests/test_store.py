@@ -1299,6 +1299,7 @@ def test_an_older_store_is_upgraded_in_place_and_keeps_its_runs(url: str, versio
             columns = {c["name"] for c in inspector.get_columns("durable_runs")}
             wake_sent_at = conn.execute(select(_schema.runs.c.wake_sent_at)).scalar_one()
             indexes = {i["name"] for i in inspector.get_indexes("durable_steps")}
+            run_indexes = {i["name"] for i in inspector.get_indexes("durable_runs")}
             step_columns = {c["name"] for c in inspector.get_columns("durable_steps")}
             worker_columns = {c["name"] for c in inspector.get_columns("durable_workers")}
         assert stored == str(_schema.SCHEMA_VERSION)
@@ -1308,6 +1309,7 @@ def test_an_older_store_is_upgraded_in_place_and_keeps_its_runs(url: str, versio
         # Version 6 replaced the steps' indexes with ones that match the sweeper's queries.
         assert {"ix_durable_steps_state_kind_due", "ix_durable_steps_stall"} <= indexes
         assert not {"ix_durable_steps_state_due", "ix_durable_steps_state_dispatched"} & indexes
+        assert {"ix_durable_runs_finished_roots", "ix_durable_runs_parent"} <= run_indexes
         assert {"due_at", "renewed_at", "losses"} <= step_columns
         assert "clean_stop" in worker_columns
         # The timer fires from its upgraded deadline, the message goes stale from when it

@@ -12,7 +12,8 @@ the rule), so it can be read, tested and changed without a worker. Its parts, by
   statements of the hot path.
 * ``_runs`` (create and read), ``_turns`` (driver turns), ``_steps`` (claims and
   outcomes), ``_control`` (signals, cancel, terminate, park, resume), ``_recovery``
-  (heartbeats, lost messages, lost wakes, stuck runs, timers).
+  (heartbeats, lost messages, lost wakes, stuck runs, timers), ``_retention``
+  (deleting expired runs, consumed signals and gone workers, in batches).
 
 :class:`Store` puts the parts together behind one object, one per database URL per
 process.
@@ -55,6 +56,7 @@ from ._records import (
     WorkerInfo,
 )
 from ._recovery import Recovery
+from ._retention import Purged, PurgeMark, Retention
 from ._runs import RunReads
 
 __all__ = [
@@ -80,6 +82,8 @@ __all__ = [
     "LossPolicy",
     "NewRun",
     "NewStep",
+    "PurgeMark",
+    "Purged",
     "RunRecord",
     "StepRecord",
     "Store",
@@ -93,7 +97,7 @@ __all__ = [
 ]
 
 
-class Store(RunReads, RunControl, Recovery):
+class Store(RunReads, RunControl, Recovery, Retention):
     """Runs and steps in SQL. Thread-safe; one per database URL per process is enough.
 
     Each method is one short transaction (or one statement); the methods that move a

@@ -137,6 +137,23 @@ runs = Table(
     Index("ix_durable_runs_workflow_created", "workflow", "created_at"),
     # Cancel requests not yet delivered (schema version 6).
     Index("ix_durable_runs_cancel", "cancel_requested", "status", "updated_at"),
+    # -- schema version 6 --
+    # Retention: top-level runs by their end, oldest first, and a run's children. Both
+    # partial: each holds only the rows its query wants, so no planner takes one for the
+    # other's query (a batch reads just the runs it takes, in order).
+    Index(
+        "ix_durable_runs_finished_roots",
+        "finished_at",
+        "id",
+        postgresql_where=text("parent_id IS NULL"),
+        sqlite_where=text("parent_id IS NULL"),
+    ),
+    Index(
+        "ix_durable_runs_parent",
+        "parent_id",
+        postgresql_where=text("parent_id IS NOT NULL"),
+        sqlite_where=text("parent_id IS NOT NULL"),
+    ),
 )
 
 steps = Table(

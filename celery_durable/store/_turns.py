@@ -92,7 +92,8 @@ class TurnWrites(StoreBase):
         if turn == 0:
             extra["started_at"] = at
         if write.status in FINISHED:
-            extra["finished_at"] = at
+            # Retention compares it with the database's clock: it is the database's too.
+            extra["finished_at"] = self._now
         if write.result is not None:
             extra["content_type"], extra["result"] = write.result
         if write.error is not None:
@@ -296,6 +297,13 @@ class TurnWrites(StoreBase):
         ).scalar_one_or_none()
         base = conn.execute(select(s.runs.c.seq_base).where(s.runs.c.id == run_id)).scalar_one()
         conn.execute(delete(s.steps).where(s.steps.c.run_id == run_id))
+        # The signals those waits consumed went into their steps' outcomes, which are
+        # gone now; buffered ones (consumed_seq NULL) are the new incarnation's.
+        conn.execute(
+            delete(s.signals).where(
+                and_(s.signals.c.run_id == run_id, s.signals.c.consumed_seq.is_not(None))
+            )
+        )
         conn.execute(
             update(s.runs)
             .where(s.runs.c.id == run_id)

@@ -3,7 +3,8 @@
 * ``_claims`` — signal handlers that claim a step's message at receipt and record its
   outcome where it ran;
 * ``_bootstep`` — the worker bootstep that registers the worker and runs its sweeper;
-* ``_sweeper`` — the periodic recovery of what the broker lost, and durable timers;
+* ``_sweeper`` — the periodic recovery of what the broker lost, durable timers, and
+  retention (deleting what has expired);
 * ``_messages`` — the two kinds of message (step and wake) and their headers;
 * ``_republish`` — turning stored dispatches back into messages (recovery, retry);
 * ``_identity`` — this process's identity in the store.
@@ -29,10 +30,11 @@ from ._messages import (
     step_headers,
 )
 from ._republish import publish_resumed, resend, retry_run
-from ._sweeper import Sweeper
+from ._sweeper import GONE_WORKERS_KEPT, Sweeper
 
 __all__ = [
     "DRIVER_OPTION_KEYS",
+    "GONE_WORKERS_KEPT",
     "DurableWorkerStep",
     "Sweeper",
     "batched",

@@ -12,7 +12,11 @@ and each pass it:
 3. re-sends steps published but never claimed for ``durable_stall_timeout`` (a broker
    restart, a crash between commit and publish); copies share the dispatch id, so
    whichever arrives first runs and the others are dropped;
-4. wakes active runs that have outcomes nobody delivered, or were never driven.
+4. wakes active runs that have outcomes nobody delivered, or were never driven;
+5. every :data:`RETENTION_EVERY` passes, deletes one batch of what has expired
+   (:meth:`Sweeper.retention`): finished runs older than ``durable_result_expires``
+   with their families and history, consumed signals left by continue-as-new, and the
+   rows of workers gone for :data:`GONE_WORKERS_KEPT` that hold no claim.
 
 Between passes it fires durable timers that are due, and sends the steps whose backoff
 has passed, every ``durable_timer_interval``.
@@ -36,15 +40,23 @@ from celery import Celery
 from .._codec import encode_error
 from .._config import settings_for, store_for
 from ..errors import DurableError, UnknownWorkflowError
-from ..store import STUCK, RunRecord, is_unreachable
+from ..store import STUCK, PurgeMark, RunRecord, is_unreachable
 from . import _identity
 from ._claims import held_dispatches
 from ._messages import publish_wake
 from ._republish import resend, retry_run
 
-__all__ = ["Sweeper"]
+__all__ = ["GONE_WORKERS_KEPT", "RETENTION_BATCH", "RETENTION_EVERY", "Sweeper"]
 
 logger = logging.getLogger(__name__)
+
+#: Passes between two retention batches of one sweeper (a minute at the default
+#: ``durable_sweep_interval``): deleting is never urgent, and recovery comes first.
+RETENTION_EVERY = 6
+#: Top-level runs (with their families) one retention batch deletes at most.
+RETENTION_BATCH = 200
+#: Seconds after its last heartbeat at which a worker holding no claim is forgotten.
+GONE_WORKERS_KEPT = 24 * 3600.0
 
 
 class Sweeper:
@@ -64,6 +76,10 @@ class Sweeper:
         self._reachable_since = time.monotonic()
         self.info = _identity.info(worker_id, hostname)
         self._predecessors_checked = False
+        self._passes = 0
+        # Where the next retention batches go on (see Store.purge_finished).
+        self._purge_mark: PurgeMark | None = None
+        self._signal_mark = 0
 
     @property
     def heartbeat_interval(self) -> float:
@@ -133,7 +149,48 @@ class Sweeper:
                 woken,
                 len(failed),
             )
-        return {"stale": stale, "woken": woken, "lost": len(failed)}
+        counts = {"stale": stale, "woken": woken, "lost": len(failed)}
+        self._passes += 1
+        if self._passes % RETENTION_EVERY == 0:
+            counts["purged"] = self._retention_batch()
+        return counts
+
+    def retention(self) -> dict[str, int]:
+        """Delete one batch of what has expired; returns how many of each went.
+
+        One short transaction each: up to :data:`RETENTION_BATCH` finished top-level
+        runs older than ``durable_result_expires`` (with their descendants, steps and
+        signals), one window of signal ids for consumed signals whose step is gone, and
+        the rows of workers gone for a day that hold no claim.
+        """
+        store = store_for(self.app)
+        runs = 0
+        expires = self.settings.result_expires
+        if expires is not None:
+            purged = store.purge_finished(expires, RETENTION_BATCH, after=self._purge_mark)
+            self._purge_mark = purged.resume_after
+            runs = purged.runs
+        signals, self._signal_mark = store.purge_orphan_signals(self._signal_mark)
+        workers = store.forget_workers(GONE_WORKERS_KEPT)
+        return {"runs": runs, "signals": signals, "workers": workers}
+
+    def _retention_batch(self) -> int:
+        # Deleting must never stop recovery: a failed batch is logged and tried again
+        # next time (an unreachable store is the loop's business).
+        try:
+            counts = self.retention()
+        except Exception as exc:
+            if is_unreachable(exc):
+                raise
+            logger.exception("celery_durable sweeper: deleting expired runs failed")
+            return 0
+        if any(counts.values()):
+            logger.info(
+                "celery_durable sweeper: deleted %(runs)d expired runs, %(signals)d consumed "
+                "signals, %(workers)d rows of gone workers",
+                counts,
+            )
+        return counts["runs"]
 
     def _wake(self, wakes: Sequence[tuple[str, str, Mapping[str, Any]]]) -> int:
         if wakes:
