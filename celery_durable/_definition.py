@@ -254,8 +254,10 @@ def start_workflow(
         WorkflowEncodeError: the serializer cannot encode them.
         DurableError: ``workflow_id`` belongs to a run of another workflow.
     """
-    from .client import WorkflowHandle
+    from .client import WorkflowHandle, bound_app
 
+    # The handle reads the run through this very app, whichever thread uses it later.
+    app = bound_app(app)
     name = definition.task_for(app).name
     label = f"workflow {name}[{workflow_id or 'new'}]"
     try:

@@ -51,6 +51,18 @@ class StepInfo:
     due_at: datetime | None = None
 
 
+def bound_app(app: Celery | None) -> Celery:
+    """``app`` itself, or the app current now; never the thread-local ``current_app`` proxy.
+
+    The proxy is looked up again on every use, so a handle keeping it would read through
+    whichever app is current in the thread using it (a web server's worker thread: the
+    default store) rather than the app that started the run.
+    """
+    target = current_app if app is None else app
+    resolve = getattr(target, "_get_current_object", None)
+    return resolve() if callable(resolve) else target
+
+
 class WorkflowHandle(Generic[R]):
     """A run of a workflow, by id; behaves like Celery's ``AsyncResult`` where it can.
 
@@ -67,7 +79,7 @@ class WorkflowHandle(Generic[R]):
 
     def __init__(self, id: str, app: Celery | None = None) -> None:
         self.id = id
-        self.app = app or current_app
+        self.app = bound_app(app)
 
     @property
     def workflow_id(self) -> str:
