@@ -23,6 +23,7 @@ __all__ = [
     "WorkflowCancelledError",
     "WorkflowEncodeError",
     "WorkflowFailedError",
+    "WorkflowIdError",
     "WorkflowNotFoundError",
     "WorkflowTerminatedError",
     "WorkflowTimeoutError",
@@ -47,6 +48,11 @@ class WorkflowAwaitError(DurableError, TypeError):
 
 class WorkflowEncodeError(DurableError, TypeError):
     """Arguments or a result could not be encoded by the configured serializer."""
+
+
+class WorkflowIdError(DurableError, ValueError):
+    """A workflow id the store cannot keep: not a string, empty, too long, or containing
+    the ``/`` that only child runs' ids use."""
 
 
 class UnknownWorkflowError(DurableError, LookupError):

@@ -32,6 +32,7 @@ EXPORTS = [
     "WorkflowEncodeError",
     "WorkflowFailedError",
     "WorkflowHandle",
+    "WorkflowIdError",
     "WorkflowInfo",
     "WorkflowNotFoundError",
     "WorkflowTerminatedError",

@@ -55,6 +55,7 @@ from ._records import (
 )
 from ._recovery import Recovery
 from ._runs import RunReads
+from ._schema import MAX_RUN_ID_LENGTH
 
 __all__ = [
     "ACTIVE",
@@ -64,6 +65,7 @@ __all__ = [
     "DONE",
     "FAILURE",
     "FINISHED",
+    "MAX_RUN_ID_LENGTH",
     "NOT_FINISHED",
     "OPEN_STEP_STATES",
     "PENDING",
