@@ -12,6 +12,7 @@ from .client import StepInfo, WorkflowHandle
 from .errors import (
     ActivityError,
     ActivityTimeoutError,
+    ContentDisallowedError,
     DurableError,
     HistoryWriteError,
     NonDeterminismError,
@@ -37,6 +38,7 @@ from .workflow import RetryPolicy
 __all__ = [
     "ActivityError",
     "ActivityTimeoutError",
+    "ContentDisallowedError",
     "DurableError",
     "DurableWorkflow",
     "HistoryWriteError",

@@ -137,7 +137,12 @@ class WorkflowHandle(Generic[R]):
 
     @property
     def result(self) -> Any:
-        """The return value when successful, the exception when failed, else None."""
+        """The return value when successful, the exception when failed, else None.
+
+        Raises:
+            ContentDisallowedError: the result is stored in a content type the app does
+                not accept (``result_accept_content``); it is not decoded.
+        """
         run = self._run()
         if run.status == SUCCESS:
             return self._value(run)
@@ -202,7 +207,8 @@ class WorkflowHandle(Generic[R]):
     def _value(self, run: RunRecord) -> Any:
         if run.result is None:
             return None
-        return settings_for(self.app).codec.loads(run.content_type, run.result)
+        what = f"the result of workflow {run.workflow}[{run.id}]"
+        return settings_for(self.app).codec.loads(run.content_type, run.result, what, result=True)
 
     @staticmethod
     def _exception(run: RunRecord) -> BaseException:
@@ -214,17 +220,25 @@ class WorkflowHandle(Generic[R]):
 
     @property
     def history(self) -> list[StepInfo]:
-        """The run's steps in order, with their arguments and outcomes."""
+        """The run's steps in order, with their arguments and outcomes.
+
+        Raises:
+            ContentDisallowedError: a step's input or outcome is stored in a content type
+                the app does not accept (it is not decoded).
+        """
         codec = settings_for(self.app).codec
         steps = []
         for record in self._store.history(self.id):
-            decoded = codec.loads(record.content_type, record.input) if record.input else None
+            what = f"step {record.seq} ({record.name}) of workflow run {self.id}"
+            decoded = None
+            if record.input:
+                decoded = codec.loads(record.content_type, record.input, f"the input of {what}")
             # Tasks and children have [args, kwargs, options]; timers, signal waits and
             # patch markers have no input.
             args, kwargs = (decoded[0], decoded[1]) if isinstance(decoded, list) else ([], {})
             result = None
             if record.outcome == "ok" and record.result is not None:
-                result = codec.loads(record.content_type, record.result)
+                result = codec.loads(record.content_type, record.result, f"the outcome of {what}")
             steps.append(
                 StepInfo(
                     seq=record.seq,

@@ -15,6 +15,7 @@ from celery_durable import client, errors, testing, workflow
 EXPORTS = [
     "ActivityError",
     "ActivityTimeoutError",
+    "ContentDisallowedError",
     "DurableError",
     "DurableWorkflow",
     "HistoryWriteError",

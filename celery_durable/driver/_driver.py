@@ -195,7 +195,7 @@ class RunDriver:
     # -- building the instance -----------------------------------------------------------
 
     def _new_instance(self, run: RunRecord, at: float) -> WorkflowInstance:
-        args, kwargs = self.codec.loads(run.content_type, run.input)
+        args, kwargs = self.codec.loads(run.content_type, run.input, f"the input of {self._label}")
         info = WorkflowInfo(
             workflow_id=run.id,
             name=self.workflow,
@@ -244,5 +244,7 @@ class RunDriver:
     def _outcome(self, step: StepRecord) -> StepOutcome:
         if step.outcome == "error":
             return StepOutcome(step.seq, error=decode_error(step.error or {}))
-        value = None if step.result is None else self.codec.loads(step.content_type, step.result)
-        return StepOutcome(step.seq, value=value)
+        if step.result is None:
+            return StepOutcome(step.seq, value=None)
+        what = f"the outcome of step {step.seq} ({step.name}) of {self._label}"
+        return StepOutcome(step.seq, value=self.codec.loads(step.content_type, step.result, what))

@@ -261,6 +261,22 @@ class RunControl(TurnWrites):
                 == 1
             )
 
+    def park_unreadable(self, run_id: str, error: ErrorInfo) -> bool:
+        """Park a run as STUCK, whatever its turn, because a row of its history cannot be
+        read (a payload in a content type the app refuses); False if it is not active.
+
+        A sweeper calls this when it cannot decode a step it was to send again: that run
+        stops with the reason, and the sweep goes on with the others.
+        """
+        at = _clock.now()
+        with self._transaction() as conn:
+            moved = conn.execute(
+                update(s.runs)
+                .where(and_(s.runs.c.id == run_id, s.runs.c.status.in_(ACTIVE)))
+                .values(status=STUCK, error=error, updated_at=at)
+            ).rowcount
+            return bool(moved)
+
     def resume(self, run_id: str) -> str:
         """Put a STUCK or FAILED run back to RUNNING; returns the status it had.
 
