@@ -97,7 +97,7 @@ class Store(RunReads, RunControl, Recovery):
     """Runs and steps in SQL. Thread-safe; one per database URL per process is enough.
 
     Each method is one short transaction (or one statement); the methods that move a
-    run forward are fenced on the run's turn. SQLite (WAL, ``BEGIN IMMEDIATE``) and
+    run forward are fenced on the run's incarnation and turn. SQLite (WAL, ``BEGIN IMMEDIATE``) and
     PostgreSQL (psycopg 3) are supported.
 
     Args:
