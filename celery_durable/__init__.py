@@ -12,6 +12,7 @@ from .client import StepInfo, WorkflowHandle
 from .errors import (
     ActivityError,
     ActivityTimeoutError,
+    ContentDisallowedError,
     DurableError,
     HistoryWriteError,
     NonDeterminismError,
@@ -25,6 +26,7 @@ from .errors import (
     WorkflowCancelledError,
     WorkflowEncodeError,
     WorkflowFailedError,
+    WorkflowIdError,
     WorkflowNotFoundError,
     WorkflowTerminatedError,
     WorkflowTimeoutError,
@@ -36,6 +38,7 @@ from .workflow import RetryPolicy
 __all__ = [
     "ActivityError",
     "ActivityTimeoutError",
+    "ContentDisallowedError",
     "DurableError",
     "DurableWorkflow",
     "HistoryWriteError",
@@ -53,6 +56,7 @@ __all__ = [
     "WorkflowEncodeError",
     "WorkflowFailedError",
     "WorkflowHandle",
+    "WorkflowIdError",
     "WorkflowInfo",
     "WorkflowNotFoundError",
     "WorkflowTerminatedError",

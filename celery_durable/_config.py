@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -26,7 +26,7 @@ from celery.exceptions import ImproperlyConfigured
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from ._codec import Codec
+from ._codec import Codec, accepted_types
 from .store import LossPolicy, Store
 
 __all__ = [
@@ -59,10 +59,21 @@ class Settings:
     redelivery_backoff: float = 1.0
     #: Seconds after its end at which a finished run is deleted; None: never.
     result_expires: float | None = DEFAULT_RESULT_EXPIRES
+    #: Content types decoded for inputs, steps and signals (``accept_content``).
+    accept: frozenset[str] = field(default_factory=lambda: accepted_types(None))
+    #: Content types decoded for results (``result_accept_content``, else ``accept``).
+    result_accept: frozenset[str] = field(default_factory=lambda: accepted_types(None))
+    result_setting: str = "result_accept_content"
 
     @property
     def codec(self) -> Codec:
-        return Codec(self.serializer)
+        """Encodes with ``task_serializer``; decodes only what the app accepts."""
+        return Codec(
+            self.serializer,
+            accept=self.accept,
+            result_accept=self.result_accept,
+            result_setting=self.result_setting,
+        )
 
     @property
     def loss_policy(self) -> LossPolicy:
@@ -130,6 +141,8 @@ def settings_for(app: Celery) -> Settings:
             f"{parsed.get_driver_name()!r}; celery_durable uses psycopg 3: write "
             "'postgresql+psycopg://...' and install celery-durable[postgres]"
         )
+    accept_content = app.conf.accept_content
+    result_accept_content = app.conf.get("result_accept_content")
     return Settings(
         database_url=url,
         sweep_interval=_number(app, "durable_sweep_interval", 10.0, 0.05),
@@ -141,6 +154,11 @@ def settings_for(app: Celery) -> Settings:
         max_redeliveries=int(_number(app, "durable_max_redeliveries", 3, 0, "times")),
         redelivery_backoff=_number(app, "durable_redelivery_backoff", 1.0, 0),
         result_expires=_expires(app),
+        accept=accepted_types(accept_content),
+        result_accept=accepted_types(result_accept_content or accept_content),
+        # Errors name the setting that decides: without result_accept_content, that is
+        # accept_content.
+        result_setting="result_accept_content" if result_accept_content else "accept_content",
     )
 
 

@@ -18,7 +18,7 @@ from celery._state import (  # type: ignore[attr-defined]
 from celery.canvas import Signature
 from celery.utils.imports import gen_task_name
 
-from .driver import create_run, driver_options, on_driver_message
+from .driver import check_workflow_id, create_run, driver_options, on_driver_message
 from .errors import UnknownWorkflowError, WorkflowArgumentsError
 from .worker import DRIVER_OPTION_KEYS, publish_wake
 
@@ -55,7 +55,9 @@ class DriverTask(Task[Any, Any]):
         **options: Any,
     ) -> WorkflowHandle[Any]:
         # Reached through signatures: checkout.s(...).delay() starts a run like .delay().
-        workflow_id = options.pop("workflow_id", None) or task_id
+        workflow_id = options.pop("workflow_id", None)
+        if workflow_id is None:
+            workflow_id = task_id
         return start_workflow(
             self.app, self.durable, args or (), kwargs or {}, workflow_id=workflow_id, **options
         )
@@ -250,13 +252,19 @@ def start_workflow(
     """Create a run of ``definition`` (unless ``workflow_id`` exists) and wake it.
 
     Raises:
+        WorkflowIdError: ``workflow_id`` is one the store cannot keep (not a string,
+            empty, longer than 255 characters, or containing ``/``).
         WorkflowArgumentsError: the arguments do not fit the workflow function.
         WorkflowEncodeError: the serializer cannot encode them.
         DurableError: ``workflow_id`` belongs to a run of another workflow.
     """
-    from .client import WorkflowHandle
+    from .client import WorkflowHandle, bound_app
 
+    # The handle reads the run through this very app, whichever thread uses it later.
+    app = bound_app(app)
     name = definition.task_for(app).name
+    if workflow_id is not None:
+        check_workflow_id(workflow_id, name)
     label = f"workflow {name}[{workflow_id or 'new'}]"
     try:
         inspect.signature(definition.fn).bind(*args, **kwargs)
@@ -264,7 +272,7 @@ def start_workflow(
         raise WorkflowArgumentsError(
             f"{label}: the arguments do not match {definition.fn.__name__}: {exc}"
         ) from None
-    run_id = workflow_id or str(uuid.uuid4())
+    run_id = str(uuid.uuid4()) if workflow_id is None else workflow_id
     options = driver_options({**definition.options, **options})
     if create_run(app, name, run_id, args, kwargs, options):
         publish_wake(app, name, run_id, options)

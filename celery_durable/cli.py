@@ -75,7 +75,9 @@ def show(ctx: click.Context, workflow_id: str) -> None:
     try:
         run = store_for(app).require_run(workflow_id)
         codec = settings_for(app).codec
-        args, kwargs = codec.loads(run.content_type, run.input)
+        args, kwargs = codec.loads(
+            run.content_type, run.input, f"the input of workflow {run.workflow}[{run.id}]"
+        )
         click.echo(f"run:      {run.id}")
         click.echo(f"workflow: {run.workflow}")
         click.echo(f"status:   {run.status} (turn {run.turn})")

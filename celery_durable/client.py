@@ -51,6 +51,18 @@ class StepInfo:
     due_at: datetime | None = None
 
 
+def bound_app(app: Celery | None) -> Celery:
+    """``app`` itself, or the app current now; never the thread-local ``current_app`` proxy.
+
+    The proxy is looked up again on every use, so a handle keeping it would read through
+    whichever app is current in the thread using it (a web server's worker thread: the
+    default store) rather than the app that started the run.
+    """
+    target = current_app if app is None else app
+    resolve = getattr(target, "_get_current_object", None)
+    return resolve() if callable(resolve) else target
+
+
 class WorkflowHandle(Generic[R]):
     """A run of a workflow, by id; behaves like Celery's ``AsyncResult`` where it can.
 
@@ -67,7 +79,7 @@ class WorkflowHandle(Generic[R]):
 
     def __init__(self, id: str, app: Celery | None = None) -> None:
         self.id = id
-        self.app = app or current_app
+        self.app = bound_app(app)
 
     @property
     def workflow_id(self) -> str:
@@ -125,7 +137,12 @@ class WorkflowHandle(Generic[R]):
 
     @property
     def result(self) -> Any:
-        """The return value when successful, the exception when failed, else None."""
+        """The return value when successful, the exception when failed, else None.
+
+        Raises:
+            ContentDisallowedError: the result is stored in a content type the app does
+                not accept (``result_accept_content``); it is not decoded.
+        """
         run = self._run()
         if run.status == SUCCESS:
             return self._value(run)
@@ -190,7 +207,8 @@ class WorkflowHandle(Generic[R]):
     def _value(self, run: RunRecord) -> Any:
         if run.result is None:
             return None
-        return settings_for(self.app).codec.loads(run.content_type, run.result)
+        what = f"the result of workflow {run.workflow}[{run.id}]"
+        return settings_for(self.app).codec.loads(run.content_type, run.result, what, result=True)
 
     @staticmethod
     def _exception(run: RunRecord) -> BaseException:
@@ -202,17 +220,25 @@ class WorkflowHandle(Generic[R]):
 
     @property
     def history(self) -> list[StepInfo]:
-        """The run's steps in order, with their arguments and outcomes."""
+        """The run's steps in order, with their arguments and outcomes.
+
+        Raises:
+            ContentDisallowedError: a step's input or outcome is stored in a content type
+                the app does not accept (it is not decoded).
+        """
         codec = settings_for(self.app).codec
         steps = []
         for record in self._store.history(self.id):
-            decoded = codec.loads(record.content_type, record.input) if record.input else None
+            what = f"step {record.seq} ({record.name}) of workflow run {self.id}"
+            decoded = None
+            if record.input:
+                decoded = codec.loads(record.content_type, record.input, f"the input of {what}")
             # Tasks and children have [args, kwargs, options]; timers, signal waits and
             # patch markers have no input.
             args, kwargs = (decoded[0], decoded[1]) if isinstance(decoded, list) else ([], {})
             result = None
             if record.outcome == "ok" and record.result is not None:
-                result = codec.loads(record.content_type, record.result)
+                result = codec.loads(record.content_type, record.result, f"the outcome of {what}")
             steps.append(
                 StepInfo(
                     seq=record.seq,

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "ActivityError",
     "ActivityTimeoutError",
+    "ContentDisallowedError",
     "DurableError",
     "HistoryWriteError",
     "NonDeterminismError",
@@ -23,6 +24,7 @@ __all__ = [
     "WorkflowCancelledError",
     "WorkflowEncodeError",
     "WorkflowFailedError",
+    "WorkflowIdError",
     "WorkflowNotFoundError",
     "WorkflowTerminatedError",
     "WorkflowTimeoutError",
@@ -47,6 +49,17 @@ class WorkflowAwaitError(DurableError, TypeError):
 
 class WorkflowEncodeError(DurableError, TypeError):
     """Arguments or a result could not be encoded by the configured serializer."""
+
+
+class WorkflowIdError(DurableError, ValueError):
+    """A workflow id the store cannot keep: not a string, empty, too long, or containing
+    the ``/`` that only child runs' ids use."""
+
+
+class ContentDisallowedError(DurableError):
+    """A stored value's content type is not one the app accepts (``accept_content``, or
+    ``result_accept_content`` for results), so it was not decoded: decoding a pickle, for
+    one, runs code. A driver parks the run as ``STUCK`` with this error."""
 
 
 class UnknownWorkflowError(DurableError, LookupError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -297,3 +298,39 @@ def test_result_expires_takes_seconds_or_a_timedelta_and_0_or_none_for_never(
     assert _config.settings_for(app).result_expires == 7 * 86400.0
     app.conf.durable_result_expires = value
     assert _config.settings_for(app).result_expires == seconds
+
+
+# -- handles stay bound to their app -----------------------------------------------------
+
+
+def test_a_handle_reads_the_app_that_started_it_from_a_thread_with_another_app(
+    idle_app: Celery, tmp_path: Path
+) -> None:
+    """A web server's worker thread has another current app (often the default one): a
+    handle made by ``delay()`` must still read the store of the app that started it."""
+    idle_app.set_current()
+    handle = bare.delay(3)
+    from celery_durable.canvas import durable
+
+    canvas_handle = durable(double.s(2)).delay()
+    other = Celery("durable-other", broker="memory://", set_as_current=False)
+    configure_embedded(other, f"sqlite:///{tmp_path}/other.sqlite3")
+    seen: list[Any] = []
+
+    def web_thread() -> None:
+        other.set_current()
+        try:
+            seen.extend([handle.status, canvas_handle.status, handle.workflow])
+        except Exception as exc:
+            seen.append(exc)
+
+    try:
+        thread = threading.Thread(target=web_thread)
+        thread.start()
+        thread.join()
+    finally:
+        store = _config._stores.pop(_config.settings_for(other).database_url, None)
+        if store is not None:
+            store.dispose()
+    assert seen == ["PENDING", "PENDING", bare.name]
+    assert handle.app is idle_app

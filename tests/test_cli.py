@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import pickle
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,3 +126,47 @@ def test_durations_of_the_purge_command(text: str, seconds: float) -> None:
     from celery_durable.cli import parse_duration
 
     assert parse_duration(text) == seconds
+
+
+class _Plant:
+    """Unpickling this creates the file at ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.usefixtures("cli_app")
+def test_show_refuses_a_stored_pickle_and_never_unpickles_it(tmp_path: Path) -> None:
+    from sqlalchemy import create_engine, update
+
+    from celery_durable.store import _schema
+
+    marker = tmp_path / "code-ran"
+    code, out = _celery(
+        "durable", "start", f"{MODULE['name']}.waiter", '["o-1"]', "--id", "planted"
+    )
+    assert code == 0, out
+    engine = create_engine(f"sqlite:///{tmp_path / 'cli.sqlite3'}")
+    runs = _schema.runs
+    pickled = pickle.dumps(_Plant(marker))
+    try:
+        for values in (
+            {"content_type": "application/x-python-serialize", "input": pickled},
+            {
+                "content_type": "application/x-python-serialize",
+                "input": b"\x80\x04]\x94(]\x94}\x94e.",  # [[], {}] as a pickle
+                "status": "SUCCESS",
+                "result": pickled,
+            },
+        ):
+            with engine.begin() as conn:
+                conn.execute(update(runs).where(runs.c.id == "planted").values(**values))
+            code, out = _celery("durable", "show", "planted")
+            assert code != 0
+            assert "planted" in out and "app.conf.accept_content" in out, out
+            assert not marker.exists()
+    finally:
+        engine.dispose()

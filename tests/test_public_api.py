@@ -15,6 +15,7 @@ from celery_durable import client, errors, testing, workflow
 EXPORTS = [
     "ActivityError",
     "ActivityTimeoutError",
+    "ContentDisallowedError",
     "DurableError",
     "DurableWorkflow",
     "HistoryWriteError",
@@ -32,6 +33,7 @@ EXPORTS = [
     "WorkflowEncodeError",
     "WorkflowFailedError",
     "WorkflowHandle",
+    "WorkflowIdError",
     "WorkflowInfo",
     "WorkflowNotFoundError",
     "WorkflowTerminatedError",

@@ -83,10 +83,13 @@ class DurableCanvas:
                 applied to its tasks as ``apply_async`` would apply them.
 
         Raises:
+            WorkflowIdError: the store cannot keep ``workflow_id`` (empty, longer than
+                255 characters, or containing ``/``).
             WorkflowEncodeError: the canvas or arguments cannot be encoded by the app's
                 serializer.
         """
-        workflow_id = workflow_id or options.pop("task_id", None)
+        if workflow_id is None:
+            workflow_id = options.pop("task_id", None)
         call = {key: value for key, value in options.items() if value is not None}
         return run_canvas.apply_async(
             (to_data(self.signature), list(args or ()), dict(kwargs or {}), call),

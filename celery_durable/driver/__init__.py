@@ -10,7 +10,8 @@ implies. Parts:
 * ``_start`` — creating runs, and telling a wake from a start request sent by name
   (:func:`on_driver_message`);
 * ``_plan`` — :class:`TurnPlan`, one method per kind of command;
-* ``_cache`` — suspended instances kept between turns.
+* ``_cache`` — suspended instances kept between turns;
+* ``_ids`` — which workflow ids callers may choose, and child runs' ids.
 
 Imports the runtime, the store, the worker layer (for publishing), the codec, settings
 and Celery; never the canvas or public API modules (a test holds the rule).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from ._cache import InstanceCache, cache
 from ._driver import MAX_TURNS_IN_ONE_TASK, RunDriver
+from ._ids import check_workflow_id, child_run_id
 from ._plan import TurnPlan
 from ._start import create_run, driver_options, on_driver_message
 
@@ -29,6 +31,8 @@ __all__ = [
     "RunDriver",
     "TurnPlan",
     "cache",
+    "check_workflow_id",
+    "child_run_id",
     "create_run",
     "driver_options",
     "on_driver_message",

@@ -3,8 +3,8 @@ it, commits, and publishes.
 
 A wake message runs the workflow's Celery task, which drives the run through the turns
 that are ready (usually one). A turn holds no lock while workflow code runs: the commit
-is fenced on the run's turn number, so when two workers race on one run exactly one
-commit lands and the other turn does nothing. Suspended coroutines are kept in a
+is fenced on the run's incarnation and turn, so when two workers race on one run exactly
+one commit lands and the other turn does nothing. Suspended coroutines are kept in a
 per-process cache (``_cache``) so that the usual turn skips replaying history.
 """
 
@@ -108,18 +108,19 @@ class RunDriver:
             commands = instance.activate(outcomes, _utc(at), cancel=cancel)
         except NonDeterminismError as exc:
             logger.error("%s is STUCK: %s", self._label, exc)
-            self.store.park(self.run_id, run.turn, STUCK, encode_error(exc))
+            self.store.park(self.run_id, run.turn, STUCK, encode_error(exc), run.incarnation)
             return STUCK, False
         except Exception as exc:
             # Not the workflow's own exception (those fail the run inside activate): its
             # history could not be loaded or replayed here. Park it rather than retry
             # forever; it resumes on retry() or when a worker with fixed code starts.
             logger.exception("%s is STUCK: its history could not be replayed", self._label)
-            self.store.park(self.run_id, run.turn, STUCK, encode_error(exc))
+            self.store.park(self.run_id, run.turn, STUCK, encode_error(exc), run.incarnation)
             return STUCK, False
 
         write = TurnWrite(
             turn=run.turn,
+            incarnation=run.incarnation,
             at=at,
             delivered=[step.seq for step in start.new_outcomes],
             cancel_delivered=cancel,
@@ -133,7 +134,7 @@ class RunDriver:
             # every retry: park the run with the reason instead of waking it forever.
             logger.error("%s is STUCK: %s", self._label, exc)
             instance.close()
-            self.store.park(self.run_id, run.turn, STUCK, encode_error(exc))
+            self.store.park(self.run_id, run.turn, STUCK, encode_error(exc), run.incarnation)
             return STUCK, False
         if committed is None:
             # Another turn moved the run on first. It may not have seen what this one
@@ -192,7 +193,7 @@ class RunDriver:
     # -- building the instance -----------------------------------------------------------
 
     def _new_instance(self, run: RunRecord, at: float) -> WorkflowInstance:
-        args, kwargs = self.codec.loads(run.content_type, run.input)
+        args, kwargs = self.codec.loads(run.content_type, run.input, f"the input of {self._label}")
         info = WorkflowInfo(
             workflow_id=run.id,
             name=self.workflow,
@@ -241,5 +242,7 @@ class RunDriver:
     def _outcome(self, step: StepRecord) -> StepOutcome:
         if step.outcome == "error":
             return StepOutcome(step.seq, error=decode_error(step.error or {}))
-        value = None if step.result is None else self.codec.loads(step.content_type, step.result)
-        return StepOutcome(step.seq, value=value)
+        if step.result is None:
+            return StepOutcome(step.seq, value=None)
+        what = f"the outcome of step {step.seq} ({step.name}) of {self._label}"
+        return StepOutcome(step.seq, value=self.codec.loads(step.content_type, step.result, what))

@@ -41,6 +41,7 @@ from ..store import (
     TurnWrite,
 )
 from ..worker import DRIVER_OPTION_KEYS
+from ._ids import child_run_id
 
 __all__ = ["Messages", "TurnPlan"]
 
@@ -123,7 +124,7 @@ class TurnPlan:
 
     def _child(self, command: StartChild) -> None:
         content_type, payload = command.payload
-        child_id = f"{self.run_id}/{command.seq}"
+        child_id = child_run_id(self.run_id, command.seq)
         self._step(command, content_type, payload, child_id=child_id)
         child_input = self.codec.dumps(
             [list(command.args), dict(command.kwargs)], f"the arguments of child {child_id}"

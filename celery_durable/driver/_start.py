@@ -28,6 +28,7 @@ from ..errors import DurableError
 from ..store import NewRun
 from ..worker import DRIVER_OPTION_KEYS, is_wake
 from ._driver import RunDriver
+from ._ids import check_workflow_id
 
 __all__ = ["create_run", "driver_options", "on_driver_message"]
 
@@ -51,9 +52,11 @@ def create_run(
     created (the caller then wakes or drives it).
 
     Raises:
+        WorkflowIdError: the store cannot keep ``run_id`` (see :func:`check_workflow_id`).
         WorkflowEncodeError: the serializer cannot encode the arguments.
         DurableError: ``run_id`` belongs to a run of another workflow.
     """
+    check_workflow_id(run_id, workflow)
     label = f"workflow {workflow}[{run_id}]"
     content_type, payload = settings_for(app).codec.dumps(
         [list(args), dict(kwargs)], f"the arguments of {label}"
@@ -89,6 +92,8 @@ def on_driver_message(
         WorkflowEncodeError: a start request whose arguments the app's serializer cannot
             encode (a message in another accepted content type); the task fails, and
             Celery logs the error.
+        WorkflowIdError: a start request whose task id the store cannot keep as a
+            workflow id (too long, or containing ``/``).
         DurableError: a start request whose task id is a run of another workflow.
     """
     if is_wake(request):

@@ -58,6 +58,7 @@ from ._records import (
 from ._recovery import Recovery
 from ._retention import Purged, PurgeMark, Retention
 from ._runs import RunReads
+from ._schema import MAX_RUN_ID_LENGTH
 
 __all__ = [
     "ACTIVE",
@@ -67,6 +68,7 @@ __all__ = [
     "DONE",
     "FAILURE",
     "FINISHED",
+    "MAX_RUN_ID_LENGTH",
     "NOT_FINISHED",
     "OPEN_STEP_STATES",
     "PENDING",
@@ -101,7 +103,7 @@ class Store(RunReads, RunControl, Recovery, Retention):
     """Runs and steps in SQL. Thread-safe; one per database URL per process is enough.
 
     Each method is one short transaction (or one statement); the methods that move a
-    run forward are fenced on the run's turn. SQLite (WAL, ``BEGIN IMMEDIATE``) and
+    run forward are fenced on the run's incarnation and turn. SQLite (WAL, ``BEGIN IMMEDIATE``) and
     PostgreSQL (psycopg 3) are supported.
 
     Args:

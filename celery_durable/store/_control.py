@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from sqlalchemy import Connection, and_, case, func, insert, select, update
+from sqlalchemy import ColumnElement, Connection, and_, case, func, insert, select, update
 
 from ..errors import DurableError, SignalError, WorkflowNotFoundError
 from . import _schema as s
@@ -32,6 +32,7 @@ from ._records import (
     TurnWrite,
     run_record,
 )
+from ._statements import incarnation_is
 from ._turns import CHILD, TurnWrites
 
 __all__ = ["RunControl"]
@@ -233,8 +234,11 @@ class RunControl(TurnWrites):
                 ended.append(str(child.id))
         return ended
 
-    def park(self, run_id: str, turn: int, status: str, error: ErrorInfo) -> bool:
-        """Stop a run at ``turn`` (without recording a new turn), keeping its history."""
+    def park(
+        self, run_id: str, turn: int, status: str, error: ErrorInfo, incarnation: int = 0
+    ) -> bool:
+        """Stop a run at ``turn`` of ``incarnation`` (without recording a new turn),
+        keeping its history; False if the run has moved on meanwhile."""
         with self._transaction() as conn:
             return (
                 conn.execute(
@@ -243,6 +247,7 @@ class RunControl(TurnWrites):
                         and_(
                             s.runs.c.id == run_id,
                             s.runs.c.turn == turn,
+                            incarnation_is(incarnation),
                             s.runs.c.status.in_(ACTIVE),
                         )
                     )
@@ -251,99 +256,132 @@ class RunControl(TurnWrites):
                 == 1
             )
 
+    def park_unreadable(self, run_id: str, error: ErrorInfo) -> bool:
+        """Park a run as STUCK, whatever its turn, because a row of its history cannot be
+        read (a payload in a content type the app refuses); False if it is not active.
+
+        A sweeper calls this when it cannot decode a step it was to send again: that run
+        stops with the reason, and the sweep goes on with the others.
+        """
+        with self._transaction() as conn:
+            moved = conn.execute(
+                update(s.runs)
+                .where(and_(s.runs.c.id == run_id, s.runs.c.status.in_(ACTIVE)))
+                .values(status=STUCK, error=error, updated_at=self._now)
+            ).rowcount
+            return bool(moved)
+
     def resume(self, run_id: str) -> str:
         """Put a STUCK or FAILED run back to RUNNING; returns the status it had.
 
         A failed run goes back to the turn before the one that failed: the outcomes that
         turn delivered are delivered again, and steps that failed are scheduled again.
+        Either way the run starts a new incarnation, so a driver still busy with a turn
+        from before (which may have read the same turn number) can never commit into it.
         Returns the previous status; the caller publishes a wake.
+
+        Raises:
+            WorkflowNotFoundError: no such run.
+            DurableError: the run is not STUCK or FAILURE, or cannot be rewound.
         """
+        at = self._now
         with self._transaction() as conn:
-            # The run's row first, then its steps (the lock order).
+            # Locked while deciding: a termination or a late turn waits, then finds the
+            # run in the state this decides (and the update below checks it is the same).
             row = conn.execute(
-                select(s.runs).where(s.runs.c.id == run_id).with_for_update(key_share=True)
+                select(s.runs).where(s.runs.c.id == run_id).with_for_update()
             ).first()
             if row is None:
                 raise WorkflowNotFoundError(f"no workflow run with id {run_id!r} to retry")
             run = run_record(row)
-            if run.status == STUCK:
-                conn.execute(
-                    update(s.runs)
-                    .where(s.runs.c.id == run_id)
-                    .values(
-                        status=RUNNING if run.turn else PENDING,
-                        error=None,
-                        updated_at=self._now,
-                        attempt=func.coalesce(s.runs.c.attempt, 1) + 1,
-                    )
-                )
-                return STUCK
-            if run.status != FAILURE:
+            label = f"workflow {run.workflow}[{run_id}]"
+            if run.status not in (STUCK, FAILURE):
                 raise DurableError(
-                    f"workflow {run.workflow}[{run_id}] is {run.status}; only STUCK or "
-                    "FAILURE runs can be retried"
+                    f"{label} is {run.status}; only STUCK or FAILURE runs can be retried"
                 )
-            created_last = conn.execute(
-                select(func.count())
-                .select_from(s.steps)
-                .where(and_(s.steps.c.run_id == run_id, s.steps.c.created_turn == run.turn))
-            ).scalar_one()
-            if created_last:
-                raise DurableError(
-                    f"workflow {run.workflow}[{run_id}] scheduled steps in the turn that "
-                    "failed, so it cannot be rewound; start a new run instead"
-                )
-            last = run.turn
-            failed = conn.execute(
-                select(s.steps.c.seq).where(
+            turn = run.turn
+            if run.status == FAILURE:
+                self._rewind_failed_turn(conn, run, at)
+                turn = run.turn - 1
+            values: dict[str, Any] = {
+                "status": RUNNING if turn else PENDING,
+                "turn": turn,
+                "incarnation": run.incarnation + 1,
+                "attempt": func.coalesce(s.runs.c.attempt, 1) + 1,
+                "error": None,
+                "finished_at": None,
+                "updated_at": at,
+            }
+            moved = conn.execute(
+                update(s.runs)
+                .where(
                     and_(
-                        s.steps.c.run_id == run_id,
-                        s.steps.c.observed_turn == last,
-                        s.steps.c.outcome == "error",
+                        s.runs.c.id == run_id,
+                        s.runs.c.status == run.status,
+                        s.runs.c.turn == run.turn,
+                        incarnation_is(run.incarnation),
                     )
                 )
-            ).scalars()
-            for seq in list(failed):
-                conn.execute(
-                    update(s.steps)
-                    .where(step_is(run_id, seq))
-                    .values(
-                        state=SCHEDULED,
-                        outcome=None,
-                        error=None,
-                        result=None,
-                        observed_turn=None,
-                        observed_at=None,
-                        completed_at=None,
-                        claimed_by=None,
-                        claimed_retries=None,
-                        renewed_at=None,
-                        due_at=None,
-                        losses=0,
-                        dispatch_id=str(uuid.uuid4()),
-                        dispatched_at=self._now,
-                        # Sent again by the caller after this commit.
-                        stall_from=case((s.steps.c.kind == "activity", self._now), else_=None),
-                    )
+                .values(**values)
+            ).rowcount
+            if not moved:
+                # Only where the lock above is no lock (SQLite serialises writers anyway).
+                raise DurableError(f"{label} changed while it was being retried; retry again")
+            return run.status
+
+    def _rewind_failed_turn(
+        self, conn: Connection, run: RunRecord, at: ColumnElement[float]
+    ) -> None:
+        """Reopen what the failed run's last turn delivered; its failed steps run again."""
+        run_id = run.id
+        created_last = conn.execute(
+            select(func.count())
+            .select_from(s.steps)
+            .where(and_(s.steps.c.run_id == run_id, s.steps.c.created_turn == run.turn))
+        ).scalar_one()
+        if created_last:
+            raise DurableError(
+                f"workflow {run.workflow}[{run_id}] scheduled steps in the turn that "
+                "failed, so it cannot be rewound; start a new run instead"
+            )
+        last = run.turn
+        failed = conn.execute(
+            select(s.steps.c.seq).where(
+                and_(
+                    s.steps.c.run_id == run_id,
+                    s.steps.c.observed_turn == last,
+                    s.steps.c.outcome == "error",
                 )
+            )
+        ).scalars()
+        for seq in list(failed):
             conn.execute(
                 update(s.steps)
-                .where(and_(s.steps.c.run_id == run_id, s.steps.c.observed_turn == last))
-                .values(state=DONE, observed_turn=None, observed_at=None)
-            )
-            conn.execute(
-                update(s.runs)
-                .where(s.runs.c.id == run_id)
+                .where(step_is(run_id, seq))
                 .values(
-                    status=RUNNING if last > 1 else PENDING,
-                    turn=last - 1,
-                    attempt=func.coalesce(s.runs.c.attempt, 1) + 1,
+                    state=SCHEDULED,
+                    outcome=None,
                     error=None,
-                    finished_at=None,
-                    updated_at=self._now,
+                    result=None,
+                    observed_turn=None,
+                    observed_at=None,
+                    completed_at=None,
+                    claimed_by=None,
+                    claimed_retries=None,
+                    renewed_at=None,
+                    due_at=None,
+                    losses=0,
+                    dispatch_id=str(uuid.uuid4()),
+                    dispatched_at=at,
+                    # Sent again by the caller after this commit.
+                    stall_from=case((s.steps.c.kind == "activity", at), else_=None),
                 )
             )
-            return FAILURE
+        conn.execute(
+            update(s.steps)
+            .where(and_(s.steps.c.run_id == run_id, s.steps.c.observed_turn == last))
+            .values(state=DONE, observed_turn=None, observed_at=None)
+        )
 
     def dispatches_to_resend(self, run_id: str) -> list[Dispatch]:
         """Steps of a run scheduled but not yet claimed, for publishing after a retry."""

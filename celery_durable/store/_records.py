@@ -99,7 +99,8 @@ class RunRecord:
     attempt: int = 1
     #: Steps of the current incarnation are numbered from ``seq_base + 1``.
     seq_base: int = 0
-    #: How many times the run continued as new (0 for the first incarnation).
+    #: How many times the run started over: continued as new, or was resumed or retried
+    #: (0 for the first incarnation). With ``turn``, the fence of every commit.
     incarnation: int = 0
     cancel_requested: bool = False
     cancel_turn: int | None = None
@@ -131,10 +132,13 @@ class NewStep:
 
 @dataclass
 class TurnWrite:
-    """Everything one driver turn records, committed together and fenced on ``turn``."""
+    """Everything one driver turn records, committed together and fenced on the run's
+    ``(incarnation, turn)``."""
 
     turn: int
     at: float
+    #: The run's incarnation the turn started from (see ``RunRecord.incarnation``).
+    incarnation: int = 0
     delivered: Sequence[int] = ()
     new_steps: Sequence[NewStep] = ()
     cancelled: Sequence[int] = ()

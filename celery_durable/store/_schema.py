@@ -26,6 +26,7 @@ from sqlalchemy import (
 __all__ = [
     "ADDED_COLUMNS",
     "DROPPED_INDEXES",
+    "MAX_RUN_ID_LENGTH",
     "RENAMED_COLUMNS",
     "SCHEMA_VERSION",
     "meta",
@@ -35,6 +36,9 @@ __all__ = [
     "steps",
     "workers",
 ]
+
+#: The longest run id the store keeps (the width of ``durable_runs.id``).
+MAX_RUN_ID_LENGTH = 255
 
 #: Bumped whenever the tables change; each bump comes with its upgrade step in
 #: :mod:`celery_durable.store._migrations`.
@@ -92,7 +96,7 @@ meta = Table(
 runs = Table(
     "durable_runs",
     metadata,
-    Column("id", String(255), primary_key=True),
+    Column("id", String(MAX_RUN_ID_LENGTH), primary_key=True),
     Column("workflow", String(255), nullable=False),
     # PENDING (never driven), RUNNING, SUCCESS, FAILURE, CANCELLED, TERMINATED, STUCK
     Column("status", String(16), nullable=False),

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Update,
     and_,
     bindparam,
+    func,
     insert,
     or_,
     select,
@@ -28,7 +29,12 @@ from sqlalchemy import (
 from . import _schema as s
 from ._records import ACTIVE, CLAIMED, DELIVERED, DONE, SCHEDULED
 
-__all__ = ["HotStatements", "wake_flag_update"]
+__all__ = ["HotStatements", "incarnation_is", "wake_flag_update"]
+
+
+def incarnation_is(incarnation: ColumnElement[int] | int) -> ColumnElement[bool]:
+    """The run is in ``incarnation`` (NULL, in rows older than schema version 4, is 0)."""
+    return func.coalesce(s.runs.c.incarnation, 0) == incarnation
 
 
 def wake_flag_update(no_disk_wait: ColumnElement[bool], now: ColumnElement[float]) -> Update:
@@ -141,13 +147,16 @@ class HotStatements:
         )
         self.status = select(runs.status).where(runs.id == run_id)
         # The fenced update of every turn; a turn that changes more than turn and status
-        # adds its values with ``.values(...)``.
+        # adds its values with ``.values(...)``. The turn number alone repeats (a
+        # continue-as-new starts again at 0, a retry goes back one), so the fence is
+        # (incarnation, turn), which every restart moves on.
         self.advance = (
             update(s.runs)
             .where(
                 and_(
                     runs.id == run_id,
                     runs.turn == bindparam("b_turn", type_=Integer()),
+                    incarnation_is(bindparam("b_incarnation", type_=Integer())),
                     runs.status.in_(ACTIVE),
                 )
             )

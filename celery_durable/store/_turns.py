@@ -1,7 +1,9 @@
 """Driver turns: take a run's wake and its new outcomes, then commit what the turn decided.
 
-A turn's commit is fenced: it lands only if the run is still at the turn the driver
-started from, so of two drivers racing on one run exactly one writes history.
+A turn's commit is fenced: it lands only if the run is still at the incarnation and turn
+the driver started from, so of two drivers racing on one run exactly one writes history,
+and a driver that stalled before a continue-as-new, a retry or a resume never writes
+into what came after.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ class TurnWrites(StoreBase):
             ) from exc
 
     def _commit_turn(self, run_id: str, write: TurnWrite) -> TurnCommitted | None:
-        """Record turn ``write.turn + 1`` if the run is still at ``write.turn``.
+        """Record turn ``write.turn + 1`` if the run is still at ``write.turn`` of
+        ``write.incarnation``.
 
         Returns None when another turn moved the run first (nothing is written). In one
         transaction: delivered steps are marked, new steps inserted (signal waits matched
@@ -103,12 +106,13 @@ class TurnWrites(StoreBase):
             extra["cancel_at"] = at
         key = {"b_run": run_id, "b_turn": turn, "b_next": turn + 1, "b_at": at}
         advance = self._hot.advance.values(**extra) if extra else self._hot.advance
+        fence = {"b_incarnation": write.incarnation}
         finishing = write.status in FINISHED
         with self._transaction() as conn:
             if finishing:
                 # This commit may complete the parent's step and flag its wake.
                 self._lock_parent_of(conn, run_id)
-            advance_result = conn.execute(advance, {**key, "b_status": write.status})
+            advance_result = conn.execute(advance, {**key, **fence, "b_status": write.status})
             row = advance_result.first()
             if row is None:
                 conn.rollback()

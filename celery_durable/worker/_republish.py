@@ -5,16 +5,21 @@ back into a task message.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterable
 
 from celery import Celery
 
+from .._codec import encode_error
 from .._config import settings_for, store_for
+from ..errors import ContentDisallowedError
 from ..store import Dispatch
 from ._messages import publish_step, publish_wake, step_headers
 
 __all__ = ["publish_resumed", "resend", "retry_run"]
+
+logger = logging.getLogger(__name__)
 
 
 def resend(app: Celery, dispatches: Iterable[Dispatch], copies: bool = False) -> int:
@@ -22,14 +27,30 @@ def resend(app: Celery, dispatches: Iterable[Dispatch], copies: bool = False) ->
 
     ``copies`` means the earlier message of the same dispatch may still be delivered, so
     this one gets a task id of its own (see :func:`publish_step`).
+
+    A dispatch whose stored input the app refuses to decode (see
+    :class:`~celery_durable.errors.ContentDisallowedError`) is not sent: its run is
+    parked as STUCK with the reason, and the others are sent all the same.
     """
     items = list(dispatches)
     if not items:
         return 0
     codec = settings_for(app).codec
+    sent = 0
     with app.producer_or_acquire() as producer:
         for dispatch in items:
-            args, kwargs, options = codec.loads(dispatch.content_type, dispatch.input)
+            label = f"step {dispatch.seq} ({dispatch.name}) of workflow {dispatch.workflow}"
+            try:
+                args, kwargs, options = codec.loads(
+                    dispatch.content_type,
+                    dispatch.input,
+                    f"the input of {label}[{dispatch.run_id}]",
+                )
+            except ContentDisallowedError as exc:
+                # One bad row stops its own run, never the recovery of every other.
+                logger.error("%s; its run is parked as STUCK", exc)
+                store_for(app).park_unreadable(dispatch.run_id, encode_error(exc))
+                continue
             publish_step(
                 app,
                 dispatch.name,
@@ -43,7 +64,8 @@ def resend(app: Celery, dispatches: Iterable[Dispatch], copies: bool = False) ->
                 producer=producer,
                 task_id=str(uuid.uuid4()) if copies else None,
             )
-    return len(items)
+            sent += 1
+    return sent
 
 
 def retry_run(app: Celery, run_id: str) -> None:

@@ -215,7 +215,7 @@ class Sweeper:
             "and that the module imports without errors"
         )
         error = encode_error(UnknownWorkflowError(message))
-        if store_for(self.app).park(run.id, run.turn, STUCK, error):
+        if store_for(self.app).park(run.id, run.turn, STUCK, error, run.incarnation):
             logger.error("%s; parked as STUCK", message)
             return True
         return False
