@@ -165,12 +165,12 @@ def fill(store: Any, runs: int, finished_steps: int, per_run: int) -> float:
 
 def operations(store: Any) -> dict[str, dict[str, Callable[[], Any]]]:
     """What a sweeper runs, by phase: the recovery pass and the timer poll."""
-    from celery_durable.store import LossPolicy
+    from celery_durable.store import LossPolicy, WorkerInfo
 
-    worker = "sweep-bench@host"
+    worker = WorkerInfo("sweep-bench@host", "host", 1)
     return {
         "sweep pass": {
-            "heartbeat": lambda: store.heartbeat(worker, "host", 1),
+            "heartbeat": lambda: store.heartbeat(worker),
             "release_expired_claims": lambda: store.release_expired_claims(
                 WORKER_TIMEOUT, LossPolicy()
             ),
