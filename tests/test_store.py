@@ -1318,3 +1318,21 @@ def test_an_older_store_is_upgraded_in_place_and_keeps_its_runs(url: str, versio
         assert [(d.run_id, d.seq) for d in store.stale_dispatches(10)] == [("old-run", 2)]
     finally:
         store.dispose()
+
+
+def test_only_a_lost_connection_reads_as_an_unreachable_store() -> None:
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from celery_durable.store._base import _lost_connection
+
+    def wrapped(orig: Exception) -> OperationalError:
+        return OperationalError("SELECT 1", {}, orig)
+
+    closed = wrapped(psycopg.OperationalError("server closed the connection unexpectedly"))
+    assert _lost_connection(closed, "postgresql")
+    assert _lost_connection(wrapped(psycopg.errors.AdminShutdown("shutting down")), "postgresql")
+    # A deadlock or a lock timeout came over a live connection: the store is reachable.
+    assert not _lost_connection(wrapped(psycopg.errors.DeadlockDetected("x")), "postgresql")
+    assert not _lost_connection(wrapped(psycopg.errors.LockNotAvailable("x")), "postgresql")
+    assert not _lost_connection(wrapped(psycopg.OperationalError("database is locked")), "sqlite")

@@ -92,7 +92,7 @@ class StoreBase:
         try:
             yield
         except (OperationalError, InterfaceError) as exc:
-            if self.dialect == "sqlite" and not exc.connection_invalidated:
+            if not _lost_connection(exc, self.dialect):
                 raise
             raise self._unavailable(exc) from exc
 
@@ -183,6 +183,19 @@ class StoreBase:
             self._lock_run(conn, run_id)
         row = conn.execute(self._hot.flag_wake, {"b_run": run_id}).first()
         return None if row is None else (run_id, row.workflow, row.options or {})
+
+
+def _lost_connection(exc: DBAPIError, dialect: str) -> bool:
+    """Whether ``exc`` says the connection to the server is gone (not, say, a deadlock
+    or a lock timeout, which the server reported over a live connection)."""
+    if exc.connection_invalidated:
+        return True
+    if dialect == "sqlite":
+        return False
+    # PostgreSQL: no SQLSTATE (the socket closed), class 08 (connection exception), or
+    # 57P01-57P03 (the server is shutting down or not accepting connections).
+    state = getattr(exc.orig, "sqlstate", None)
+    return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
 
 
 def is_unreachable(exc: BaseException) -> bool:
