@@ -169,8 +169,11 @@ def test_every_turn_replays_when_the_cache_is_off(
 
     assert result == {"receipt": f"receipt-{order}-1999", "held": [True, True, False]}
     # Every turn after the first rebuilt the run from history, up to the turn before it.
+    # (A duplicate wake racing a turn may rebuild the same point twice; its commit is
+    # fenced out, so that is harmless and depends only on timing.)
     turns = store_for(app).require_run(handle.id).turn
-    assert replayed == list(range(1, turns))
+    assert sorted(set(replayed)) == list(range(1, turns))
+    assert replayed == sorted(replayed)
     # Replaying history does not run recorded steps again.
     assert calls[f"charge:{order}"] == 1
     assert [calls[f"reserve:{order}:{sku}"] for sku in ("a", "b", "out-of-stock")] == [1, 1, 1]
