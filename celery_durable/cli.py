@@ -256,3 +256,24 @@ def purge(ctx: click.Context, older_than: str, dry_run: bool) -> None:
         f"{older_than} ago, {orphans} consumed signals of earlier incarnations, "
         f"{workers} rows of gone workers"
     )
+
+
+@durable.command(
+    cls=CeleryCommand,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.argument("flower_argv", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def flower(ctx: click.Context, flower_argv: tuple[str, ...]) -> None:
+    """Start Flower (any of its options: --port, --url_prefix, --basic_auth...) with a
+    Workflows tab and the /api/durable JSON API. Needs ``celery-durable[flower]``."""
+    try:
+        from flower.command import flower as flower_command
+
+        from .flower import install
+    except ImportError as exc:
+        raise click.ClickException(
+            f"Flower is not installed ({exc}); pip install 'celery-durable[flower]'"
+        ) from exc
+    install()
+    ctx.invoke(flower_command, tornado_argv=flower_argv)

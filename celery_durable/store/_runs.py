@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.sql import Select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -55,16 +58,49 @@ class RunReads(StoreBase):
             return conn.execute(self._hot.status, {"b_run": run_id}).scalar_one_or_none()
 
     def list_runs(
-        self, status: str | None = None, workflow: str | None = None, limit: int = 50
+        self,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        *,
+        offset: int = 0,
+        search: str | None = None,
     ) -> list[RunRecord]:
-        """Most recent runs first, optionally filtered."""
-        query = select(s.runs).order_by(s.runs.c.created_at.desc()).limit(limit)
+        """Most recent runs first, optionally filtered; a page of ``limit`` from ``offset``.
+
+        ``search`` keeps the runs whose id contains it (a child's id contains its parent's).
+        """
+        query = self._filtered(select(s.runs), status, workflow, search)
+        query = query.order_by(s.runs.c.created_at.desc(), s.runs.c.id.desc())
+        with self._read() as conn:
+            return [run_record(r) for r in conn.execute(query.limit(limit).offset(offset))]
+
+    def count_runs_by_status(
+        self, workflow: str | None = None, search: str | None = None
+    ) -> dict[str, int]:
+        """How many runs have each status, with the same filters as :meth:`list_runs`."""
+        query = self._filtered(
+            select(s.runs.c.status, func.count()).group_by(s.runs.c.status),
+            None,
+            workflow,
+            search,
+        )
+        with self._read() as conn:
+            return {status: int(count) for status, count in conn.execute(query)}
+
+    @staticmethod
+    def _filtered(
+        query: Select[Any], status: str | None, workflow: str | None, search: str | None
+    ) -> Select[Any]:
         if status:
             query = query.where(s.runs.c.status == status)
         if workflow:
             query = query.where(s.runs.c.workflow == workflow)
-        with self._read() as conn:
-            return [run_record(r) for r in conn.execute(query)]
+        if search:
+            # A literal substring: the LIKE wildcards in what was typed match themselves.
+            escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            query = query.where(s.runs.c.id.like(f"%{escaped}%", escape="\\"))
+        return query
 
     def history(self, run_id: str) -> list[StepRecord]:
         """Every step of a run, in order."""

@@ -1,0 +1,85 @@
+"""A **Workflows** tab and a ``/api/durable`` JSON API inside Flower.
+
+Flower has no plugin API: :func:`install` adds handlers to the list Flower builds its
+``tornado.web.Application`` from (``flower.urls.handlers``) and a template loader that
+finds these pages' templates next to Flower's, before the application is created. It is
+what ``celery -A proj durable flower`` calls; an existing ``celery flower`` deployment
+calls it from ``flowerconfig.py``, which Flower executes before starting::
+
+    import celery_durable.flower; celery_durable.flower.install()
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from flower import urls
+from tornado.template import BaseLoader, Loader, Template
+from tornado.web import url
+
+from ._handlers import (
+    ACTION_PATTERN,
+    RunActionApi,
+    RunActionView,
+    RunApi,
+    RunListApi,
+    RunsView,
+    RunView,
+)
+
+__all__ = ["handlers", "install"]
+
+_OWN = Path(__file__).parent / "templates"
+_TAB = (
+    '        <li class="nav-item">\n'
+    "          <a class=\"nav-link{% if active_tab == 'workflows' %} active{% end %}\"\n"
+    "            href=\"{{ reverse_url('durable-workflows') }}\">Workflows</a>\n"
+    "        </li>\n"
+)
+
+
+class DurableLoader(Loader):
+    """Flower's templates, plus ours, plus a Workflows tab in Flower's navigation bar."""
+
+    def _create_template(self, name: str) -> Template:
+        own = _OWN / name
+        if own.is_file():
+            return Template(own.read_text(), name=name, loader=self)
+        template = super()._create_template(name)
+        if name == "navbar.html":
+            text = (Path(self.root) / name).read_text()
+            # After the last tab of Flower's own list; a Flower whose navigation bar looks
+            # different keeps it as it is (the pages are still at /workflows).
+            marker = '<ul class="app-nav app-nav-secondary'
+            head, found, tail = text.partition(marker)
+            if found and "</ul>" in head:
+                before, _, after = head.rpartition("</ul>")
+                return Template(
+                    before + _TAB + "      </ul>" + after + found + tail, name=name, loader=self
+                )
+        return template
+
+
+def handlers() -> list[Any]:
+    """The Tornado routes of the Workflows tab and the JSON API (ids may contain ``/``)."""
+    return [
+        url(r"/workflows", RunsView, name="durable-workflows"),
+        url(rf"/workflows/(.+)/{ACTION_PATTERN}", RunActionView),
+        url(r"/workflows/(.+)", RunView, name="durable-run"),
+        (r"/api/durable/runs", RunListApi),
+        (rf"/api/durable/runs/(.+)/{ACTION_PATTERN}", RunActionApi),
+        (r"/api/durable/runs/(.+)", RunApi),
+    ]
+
+
+def install() -> None:
+    """Add the Workflows tab to the Flower application about to be created; idempotent."""
+    if any(getattr(h, "name", None) == "durable-workflows" for h in urls.handlers):
+        return
+    # Before Flower's catch-all 404 route, which is last.
+    at = len(urls.handlers) - 1 if urls.handlers else 0
+    urls.handlers[at:at] = handlers()
+    loader: BaseLoader = DurableLoader(os.fspath(urls.settings["template_path"]))
+    urls.settings["template_loader"] = loader
