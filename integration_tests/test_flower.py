@@ -1,0 +1,310 @@
+"""The Workflows tab in Flower: a real ``celery durable flower`` process, a real worker.
+
+Each test starts Flower with ``celery -A integration_tests.wfapp durable flower`` on a
+free port against the test's broker and store, runs workflows on a worker, and checks
+the pages and the JSON API over HTTP: lists, filters and paging, the run page, every
+action's effect in the store, Flower's basic auth, ``--url_prefix``, 404s and escaping.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.cookiejar
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import wfapp
+from .cluster import Cluster
+from .worker_process import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+
+AUTH = "admin:s3cret"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Flower:
+    """A ``celery durable flower`` process and an HTTP client (cookies kept) for it."""
+
+    def __init__(self, cluster: Cluster, log: Path, *options: str, prefix: str = "") -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}{prefix}"
+        self.auth = AUTH
+        env = {**os.environ, **cluster.env, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+        )
+        self.log = log
+        self._out = log.open("wb")
+        command = [sys.executable, "-m", "celery", "-A", "integration_tests.wfapp"]
+        command += ["durable", "flower", f"--port={self.port}", "--address=127.0.0.1"]
+        self.process = subprocess.Popen(
+            [*command, *options],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.cookies = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.cookies))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.request("GET", "/healthcheck")
+                return
+            except (OSError, urllib.error.URLError):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    raise AssertionError(f"Flower did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.3)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        auth: str | None = "default",
+    ) -> tuple[int, str]:
+        """``(status, body text)``; error statuses are returned, not raised."""
+        request = urllib.request.Request(self.base + path, data=body, method=method)
+        credentials = self.auth if auth == "default" else auth
+        if credentials:
+            token = base64.b64encode(credentials.encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        for name, value in (headers or {}).items():
+            request.add_header(name, value)
+        try:
+            with self.opener.open(request, timeout=30) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def page(self, path: str) -> str:
+        status, text = self.request("GET", path)
+        assert status == 200, (status, text[-2000:])
+        return text
+
+    def api(self, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
+        body = None if payload is None else json.dumps(payload).encode()
+        status, text = self.request(method, "/api/durable" + path, body)
+        return status, json.loads(text)
+
+    def submit(self, run_id: str, action: str, **fields: str) -> tuple[int, str]:
+        """Press one of the run page's buttons: the form with Flower's XSRF token."""
+        page = self.page(run_path(run_id))
+        token = re.search(r'name="_xsrf" value="([^"]+)"', page)
+        assert token, "the run page has no action forms"
+        form = urllib.parse.urlencode({"_xsrf": token.group(1), **fields}).encode()
+        return self.request("POST", f"{run_path(run_id)}/{action}", form)
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self._out.close()
+
+
+def run_path(run_id: str) -> str:
+    # Tornado's reverse_url keeps a child id's "/": the route's path regex takes it whole.
+    return "/workflows/" + urllib.parse.quote(run_id, safe="/")
+
+
+@pytest.fixture
+def flower(cluster: Cluster, tmp_path: Path) -> Iterator[Flower]:
+    server = Flower(cluster, tmp_path / "flower.log", f"--basic_auth={AUTH}")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def wait_status(cluster: Cluster, run_id: str, *statuses: str, timeout: float = 90) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = cluster.store.get_status(run_id)
+        if status in statuses or time.monotonic() > deadline:
+            assert status in statuses, (run_id, status, cluster.log_tails())
+            return str(status)
+        time.sleep(0.2)
+
+
+def test_the_workflows_tab_lists_filters_pages_and_shows_each_run(
+    cluster: Cluster, flower: Flower
+) -> None:
+    cluster.worker()
+    done = [wfapp.sequential.apply_async((2,), app=cluster.client) for _ in range(3)]
+    hostile = "<script>alert(1)</script>" + "y" * 300
+    failed = wfapp.declined_checkout.apply_async((hostile,), app=cluster.client)
+    parent = wfapp.family.apply_async((1,), app=cluster.client)
+    for handle in done:
+        assert handle.get(timeout=90) == wfapp.step_value(0) + 4
+    wait_status(cluster, failed.id, "FAILURE")
+    deadline = time.monotonic() + 60
+    while len(cluster.store.list_runs(limit=10)) < 7 and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    listing = flower.page("/workflows")
+    assert ">Workflows</a>" in listing  # the tab in Flower's navigation bar
+    assert listing.count("data-run-id=") == 7
+    rows = re.findall(r'data-run-id="([^"]+)"', listing)
+    created = [cluster.store.require_run(r).created_at for r in rows]
+    assert created == sorted(created, reverse=True)  # newest first
+    assert re.search(r'data-status="SUCCESS"[^>]*>SUCCESS\s*<span[^>]*>3<', listing)
+    assert "<script>alert" not in listing
+
+    assert flower.page("/workflows?status=FAILURE").count("data-run-id=") == 1
+    by_name = flower.page("/workflows?workflow=integration_tests.wfapp.family")
+    assert by_name.count("data-run-id=") == 3
+    found = flower.page("/workflows?search=" + urllib.parse.quote(parent.id + "/"))
+    assert found.count("data-run-id=") == 2  # the two children
+    first = flower.page("/workflows?limit=2")
+    assert first.count("data-run-id=") == 2 and 'rel="next"' in first
+    last = flower.page("/workflows?limit=2&offset=6")
+    assert last.count("data-run-id=") == 1 and 'rel="prev"' in last
+
+    page = flower.page(run_path(failed.id))
+    assert "FAILURE" in page and "Traceback" in page
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "whole value" in page and "y" * 300 in page  # cut, and shown whole on demand
+    activities = [s for s in cluster.store.history(failed.id) if s.kind == "activity"]
+    assert len(activities) == 2
+    for step in activities:
+        assert f'href="/task/{step.dispatch_id}"' in page
+
+    family_page = flower.page(run_path(parent.id))
+    children = [s.child_id for s in cluster.store.history(parent.id) if s.child_id]
+    assert len(children) == 2
+    for child in children:
+        assert f'href="{run_path(child)}"' in family_page
+        child_page = flower.page(run_path(child))
+        assert f'id="run-parent" href="{run_path(parent.id)}"' in child_page
+
+    status, text = flower.request("GET", run_path("no-such-run"))
+    assert status == 404 and "no workflow run with id" in text
+
+    status, listed = flower.api("GET", "/runs?status=SUCCESS&limit=2")
+    assert status == 200 and listed["total"] == 3 and len(listed["runs"]) == 2
+    assert listed["counts"]["SUCCESS"] == 3 and listed["counts"]["FAILURE"] == 1
+    status, detail = flower.api("GET", "/runs/" + urllib.parse.quote(failed.id, safe=""))
+    assert status == 200 and detail["input"]["args"] == [hostile]
+    assert [s["seq"] for s in detail["steps"]] == sorted(s["seq"] for s in detail["steps"])
+    assert detail["error"]["traceback"]
+    status, missing = flower.api("GET", "/runs/no-such-run")
+    assert status == 404 and "no workflow run" in missing["error"]
+
+
+def test_actions_from_the_page_and_the_api_act_on_the_store(
+    cluster: Cluster, flower: Flower
+) -> None:
+    cluster.worker()
+    signalled = wfapp.family.apply_async((0,), app=cluster.client)
+    cancelled = wfapp.family.apply_async((0,), app=cluster.client)
+    terminated = wfapp.family.apply_async((0,), app=cluster.client)
+    by_api = wfapp.family.apply_async((1,), app=cluster.client)
+    for handle in (signalled, cancelled, terminated, by_api):
+        wait_status(cluster, handle.id, "RUNNING")
+
+    status, text = flower.submit(signalled.id, "signal", name="go", payload='{"ok": true}')
+    assert status == 200 and "signal &#x27;go&#x27; sent" in text
+    assert signalled.get(timeout=90) == "not cancelled"
+    status, text = flower.submit(signalled.id, "signal", name="go", payload="{not json")
+    assert status == 409 and "the payload must be JSON" in text
+
+    status, text = flower.submit(cancelled.id, "cancel")
+    assert status == 200 and "cancellation requested" in text
+    wait_status(cluster, cancelled.id, "CANCELLED")
+    status, text = flower.submit(cancelled.id, "cancel")
+    assert status == 409 and "alert-danger" in text  # the CLI's error for a finished run
+
+    status, text = flower.submit(terminated.id, "terminate", reason="from <b>Flower</b>")
+    assert status == 200 and "terminated" in text
+    assert cluster.store.get_status(terminated.id) == "TERMINATED"
+    error = cluster.store.require_run(terminated.id).error or {}
+    assert "from <b>Flower</b>" in str(error.get("message"))
+    assert "from <b>Flower</b>" not in flower.page(run_path(terminated.id))
+
+    status, text = flower.submit(signalled.id, "retry")
+    assert status == 409 and "alert-danger" in text
+
+    # Without the page's token a form post is refused (no cross-site form posts).
+    status, _ = flower.request("POST", f"{run_path(cancelled.id)}/cancel", b"")
+    assert status == 403
+    # A cross-site request is refused as Flower refuses its own.
+    status, _ = flower.request(
+        "POST",
+        "/api/durable/runs/" + by_api.id + "/cancel",
+        b"{}",
+        headers={"Sec-Fetch-Site": "cross-site"},
+    )
+    assert status == 403
+
+    quoted = urllib.parse.quote(by_api.id, safe="")
+    status, body = flower.api("POST", f"/runs/{quoted}/signal", {"name": "go", "payload": 1})
+    assert status == 200 and "sent" in body["message"]
+    children = [s.child_id for s in cluster.store.history(by_api.id) if s.child_id]
+    for child in children:
+        quoted_child = urllib.parse.quote(str(child), safe="")
+        status, body = flower.api("POST", f"/runs/{quoted_child}/signal", {"name": "go"})
+        assert status == 200, body
+    wait_status(cluster, by_api.id, "SUCCESS")
+    status, body = flower.api("POST", f"/runs/{quoted}/cancel", {})
+    assert status == 409 and body["error"]
+    status, body = flower.api("POST", f"/runs/{quoted}/terminate", {"reason": "late"})
+    assert status == 409 and body["error"]
+    status, _ = flower.request("POST", f"/api/durable/runs/{quoted}/nonsense", b"{}")
+    assert status == 405  # not an action: the path names a run, which takes GET only
+
+
+def test_basic_auth_url_prefix_and_read_only(cluster: Cluster, tmp_path: Path) -> None:
+    run = wfapp.sequential.apply_async((1,), app=cluster.client)  # stays PENDING: no worker
+    server = Flower(
+        cluster,
+        tmp_path / "flower-prefix.log",
+        f"--basic_auth={AUTH}",
+        "--url_prefix=flower",
+        "--read_only",
+        prefix="/flower",
+    )
+    try:
+        status, _ = server.request("GET", "/workflows", auth="admin:wrong")
+        assert status == 401
+        status, _ = server.request("GET", "/api/durable/runs", auth=None)
+        assert status == 401
+        listing = server.page("/workflows")
+        assert f'href="/flower{run_path(run.id)}"' in listing
+        page = server.page(run_path(run.id))
+        assert "PENDING" in page and 'id="durable-actions"' not in page  # read-only
+        status, body = server.request("POST", f"/api/durable/runs/{run.id}/cancel", b"{}")
+        assert status == 403 and "Read only" in body
+        assert cluster.store.get_status(run.id) == "PENDING"
+        status, _ = server.request("GET", "/workflows", auth=None)
+        assert status == 401
+    finally:
+        server.close()
