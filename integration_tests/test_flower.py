@@ -76,7 +76,9 @@ class Flower:
             except (OSError, urllib.error.URLError):
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.close()
-                    raise AssertionError(f"Flower did not start:\n{log.read_text()[-3000:]}")
+                    raise AssertionError(
+                        f"Flower did not start:\n{log.read_text()[-3000:]}"
+                    ) from None
                 time.sleep(0.3)
 
     def request(

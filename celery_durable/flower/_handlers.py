@@ -8,8 +8,9 @@ authentication (``--basic_auth``, ``--auth``), its cross-site checks and its
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import tornado.web
 from flower.api import BaseApiHandler
@@ -20,7 +21,7 @@ from tornado.ioloop import IOLoop
 from ..errors import DurableError, StoreUnavailableError, WorkflowNotFoundError
 from ._present import ACTIONS, STATUSES, act, run_detail, run_page, short
 
-__all__ = ["RunActionView", "RunApi", "RunListApi", "RunView", "RunsView", "RunActionApi"]
+__all__ = ["RunActionApi", "RunActionView", "RunApi", "RunListApi", "RunView", "RunsView"]
 
 T = TypeVar("T")
 
@@ -74,7 +75,7 @@ class _Page(BaseHandler):  # type: ignore[misc]
 class RunsView(_Page):
     """``/workflows``: runs newest first, counts per status, filters and paging."""
 
-    @web.authenticated  # type: ignore[misc]
+    @web.authenticated
     async def get(self) -> None:
         filters = _filters(self)
         try:
@@ -95,7 +96,7 @@ class RunsView(_Page):
 class RunView(_Page):
     """``/workflows/<id>``: one run, its steps, and the action buttons."""
 
-    @web.authenticated  # type: ignore[misc]
+    @web.authenticated
     async def get(self, run_id: str) -> None:
         await self.show(run_id)
 
@@ -123,7 +124,7 @@ class RunView(_Page):
 class RunActionView(RunView):
     """``POST /workflows/<id>/<action>``: the form buttons of the run page."""
 
-    @web.authenticated  # type: ignore[misc]
+    @web.authenticated
     async def post(self, run_id: str, action: str) -> None:
         if _read_only(self):
             raise web.HTTPError(403, "Read only mode is enabled")
@@ -168,7 +169,7 @@ class _Api(BaseApiHandler):  # type: ignore[misc]
 class RunListApi(_Api):
     """``GET /api/durable/runs``: a page of runs, same filters as the tab."""
 
-    @web.authenticated  # type: ignore[misc]
+    @web.authenticated
     async def get(self) -> None:
         await self.guarded(run_page, **_filters(self))
 
@@ -176,7 +177,7 @@ class RunListApi(_Api):
 class RunApi(_Api):
     """``GET /api/durable/runs/<id>``: one run with its steps."""
 
-    @web.authenticated  # type: ignore[misc]
+    @web.authenticated
     async def get(self, run_id: str) -> None:
         await self.guarded(run_detail, run_id)
 
@@ -184,7 +185,7 @@ class RunApi(_Api):
 class RunActionApi(_Api):
     """``POST /api/durable/runs/<id>/{signal,cancel,terminate,retry}`` with a JSON body."""
 
-    @web.authenticated  # type: ignore[misc]
+    @web.authenticated
     async def post(self, run_id: str, action: str) -> None:
         if _read_only(self):
             raise web.HTTPError(403, "Read only mode is enabled")

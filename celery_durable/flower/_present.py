@@ -13,7 +13,16 @@ from ..client import WorkflowHandle
 from ..errors import DurableError
 from ..store import RunRecord
 
-__all__ = ["ACTIONS", "act", "PAGE_LIMIT", "STATUSES", "run_detail", "run_page", "run_summary", "short"]
+__all__ = [
+    "ACTIONS",
+    "PAGE_LIMIT",
+    "STATUSES",
+    "act",
+    "run_detail",
+    "run_page",
+    "run_summary",
+    "short",
+]
 
 #: Statuses shown as filters even when no run has them yet.
 STATUSES = ("PENDING", "RUNNING", "SUCCESS", "FAILURE", "CANCELLED", "TERMINATED", "STUCK")
