@@ -46,7 +46,14 @@ def _free_port() -> int:
 class Flower:
     """A ``celery durable flower`` process and an HTTP client (cookies kept) for it."""
 
-    def __init__(self, cluster: Cluster, log: Path, *options: str, prefix: str = "") -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        log: Path,
+        *options: str,
+        prefix: str = "",
+        command: tuple[str, ...] = ("durable", "flower"),
+    ) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}{prefix}"
         self.auth = AUTH
@@ -56,10 +63,9 @@ class Flower:
         )
         self.log = log
         self._out = log.open("wb")
-        command = [sys.executable, "-m", "celery", "-A", "integration_tests.wfapp"]
-        command += ["durable", "flower", f"--port={self.port}", "--address=127.0.0.1"]
+        argv = [sys.executable, "-m", "celery", "-A", "integration_tests.wfapp", *command]
         self.process = subprocess.Popen(
-            [*command, *options],
+            [*argv, f"--port={self.port}", "--address=127.0.0.1", *options],
             cwd=REPO_ROOT,
             env=env,
             stdout=self._out,
@@ -308,5 +314,27 @@ def test_basic_auth_url_prefix_and_read_only(cluster: Cluster, tmp_path: Path) -
         assert cluster.store.get_status(run.id) == "PENDING"
         status, _ = server.request("GET", "/workflows", auth=None)
         assert status == 401
+    finally:
+        server.close()
+
+
+def test_a_plain_celery_flower_gets_the_tab_from_one_line_of_flowerconfig(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    run = wfapp.sequential.apply_async((1,), app=cluster.client)
+    config = tmp_path / "flowerconfig.py"
+    config.write_text("import celery_durable.flower; celery_durable.flower.install()\n")
+    server = Flower(
+        cluster,
+        tmp_path / "flower-plain.log",
+        f"--basic_auth={AUTH}",
+        f"--conf={config}",
+        command=("flower",),
+    )
+    try:
+        assert f'href="{run_path(run.id)}"' in server.page("/workflows")
+        status, body = server.api("GET", f"/runs/{run.id}")
+        assert status == 200 and body["status"] == "PENDING"
+        assert ">Workers</" in server.page("/workers")  # Flower's own pages are unchanged
     finally:
         server.close()
