@@ -272,6 +272,14 @@ def test_actions_from_the_page_and_the_api_act_on_the_store(
         headers={"Sec-Fetch-Site": "cross-site"},
     )
     assert status == 403
+    status, _ = flower.request(
+        "POST",
+        "/api/durable/runs/" + by_api.id + "/cancel",
+        b"{}",
+        headers={"Origin": "http://evil.example"},
+    )
+    assert status == 403
+    assert cluster.store.get_status(by_api.id) == "RUNNING"
 
     quoted = urllib.parse.quote(by_api.id, safe="")
     status, body = flower.api("POST", f"/runs/{quoted}/signal", {"name": "go", "payload": 1})

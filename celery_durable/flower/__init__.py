@@ -50,15 +50,13 @@ class DurableLoader(Loader):
         template = super()._create_template(name)
         if name == "navbar.html":
             text = (Path(self.root) / name).read_text()
-            # After the last tab of Flower's own list; a Flower whose navigation bar looks
-            # different keeps it as it is (the pages are still at /workflows).
-            marker = '<ul class="app-nav app-nav-secondary'
-            head, found, tail = text.partition(marker)
-            if found and "</ul>" in head:
-                before, _, after = head.rpartition("</ul>")
-                return Template(
-                    before + _TAB + "      </ul>" + after + found + tail, name=name, loader=self
-                )
+            # After Flower's last tab, Broker (2.0 and 2.2 both end their tabs with it);
+            # a navigation bar that looks different stays as it is (/workflows works).
+            at = text.find("reverse_url('broker')")
+            end = text.find("</li>", at) if at >= 0 else -1
+            if end >= 0:
+                end += len("</li>")
+                return Template(text[:end] + "\n" + _TAB + text[end:], name=name, loader=self)
         return template
 
 

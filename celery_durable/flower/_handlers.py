@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 import tornado.web
 from flower.api import BaseApiHandler
@@ -29,6 +30,20 @@ T = TypeVar("T")
 def _read_only(handler: tornado.web.RequestHandler) -> bool:
     # ``--read_only`` exists from Flower 2.1 on; older versions have no such mode.
     return bool(getattr(handler.application.options, "read_only", False))  # type: ignore[attr-defined]
+
+
+def _refuse_cross_site(handler: tornado.web.RequestHandler) -> None:
+    """403 for a request another site's page made, as Flower 2.1+ refuses its own.
+
+    Flower 2.0 has no such check; a browser's cached basic-auth credentials would
+    otherwise let any page post actions. Clients such as curl send neither header.
+    """
+    site = handler.request.headers.get("Sec-Fetch-Site")
+    origin = handler.request.headers.get("Origin")
+    if site and site not in ("same-origin", "none"):
+        raise web.HTTPError(403, "Cross-site request forbidden")
+    if not site and origin and urlparse(origin).netloc != handler.request.host:
+        raise web.HTTPError(403, "Cross-origin request forbidden")
 
 
 async def _blocking(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -61,9 +76,9 @@ class _Page(BaseHandler):  # type: ignore[misc]
     """A Workflows page: Flower's layout, the store's data."""
 
     def check_xsrf_cookie(self) -> None:
-        # Flower checks the fetch metadata and, with OAuth, the token; our forms always
-        # carry the token, so it is checked even without any authentication configured.
-        super().check_xsrf_cookie()
+        # Stricter than Flower's own (which checks the token only with OAuth): our forms
+        # always carry the token, so it is checked with any authentication or none.
+        _refuse_cross_site(self)
         tornado.web.RequestHandler.check_xsrf_cookie(self)
 
     def show_error(self, status: int, message: str) -> None:
@@ -126,6 +141,9 @@ class RunActionView(RunView):
 
     @web.authenticated
     async def post(self, run_id: str, action: str) -> None:
+        if not self.settings.get("xsrf_cookies"):
+            # Flower 2.0 does not turn on Tornado's check; the form carries the token.
+            self.check_xsrf_cookie()
         if _read_only(self):
             raise web.HTTPError(403, "Read only mode is enabled")
         fields: dict[str, Any] = {
@@ -187,6 +205,7 @@ class RunActionApi(_Api):
 
     @web.authenticated
     async def post(self, run_id: str, action: str) -> None:
+        _refuse_cross_site(self)
         if _read_only(self):
             raise web.HTTPError(403, "Read only mode is enabled")
         try:
