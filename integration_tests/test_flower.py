@@ -53,11 +53,12 @@ class Flower:
         *options: str,
         prefix: str = "",
         command: tuple[str, ...] = ("durable", "flower"),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}{prefix}"
         self.auth = AUTH
-        env = {**os.environ, **cluster.env, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **cluster.env, **(env or {}), "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
         )
@@ -355,5 +356,27 @@ def test_a_plain_celery_flower_gets_the_tab_from_one_line_of_flowerconfig(
         status, body = server.api("GET", f"/runs/{run.id}")
         assert status == 200 and body["status"] == "PENDING"
         assert ">Workers</" in server.page("/workers")  # Flower's own pages are unchanged
+    finally:
+        server.close()
+
+
+def test_a_store_that_cannot_be_reached_is_an_error_on_the_page(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    nowhere = "postgresql+psycopg://durable:s3cret@127.0.0.1:1/nowhere"
+    server = Flower(
+        cluster,
+        tmp_path / "flower-away.log",
+        f"--basic_auth={AUTH}",
+        env={"DURABLE_IT_STORE": nowhere},
+    )
+    try:
+        status, text = server.request("GET", "/workflows")
+        assert status == 503 and 'id="durable-error"' in text and "s3cret" not in text
+        status, text = server.request("GET", run_path("order-1"))
+        assert status == 503 and "the store cannot be reached" in text
+        status, body = server.api("GET", "/runs")
+        assert status == 503 and body["error"]
+        assert ">Workers</" in server.page("/workers")  # Flower itself carries on
     finally:
         server.close()
