@@ -380,3 +380,43 @@ def test_a_store_that_cannot_be_reached_is_an_error_on_the_page(
         assert ">Workers</" in server.page("/workers")  # Flower itself carries on
     finally:
         server.close()
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_the_pages_in_a_browser(cluster: Cluster, flower: Flower, tmp_path: Path) -> None:
+    """Debian's chromium, driven by Playwright: the tab, a run, the Signal button."""
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            raise AssertionError(f"{CHROMIUM} is missing (.ci/run installs it)")
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    cluster.worker()
+    waiting = wfapp.family.apply_async((0,), app=cluster.client)
+    wait_status(cluster, waiting.id, "RUNNING")
+    user, password = AUTH.split(":")
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"], timeout=60_000
+        )
+        try:
+            context = browser.new_context(http_credentials={"username": user, "password": password})
+            page = context.new_page()
+            page.set_default_timeout(30_000)
+            page.goto(flower.base + "/workers")
+            page.get_by_role("link", name="Workflows").click()
+            page.wait_for_url("**/workflows")
+            page.locator(f'tr[data-run-id="{waiting.id}"] a').click()
+            page.wait_for_selector("#run-status")
+            assert page.inner_text("#run-status").startswith("RUNNING")
+            page.screenshot(path=str(tmp_path / "run-page.png"), full_page=True)
+            page.fill('input[name="name"]', "go")
+            page.fill('textarea[name="payload"]', '{"from": "browser"}')
+            page.get_by_role("button", name="Signal").click()
+            page.wait_for_selector("#durable-message")
+            assert "signal 'go' sent" in page.inner_text("#durable-message")
+        finally:
+            browser.close()
+    assert waiting.get(timeout=90) == "not cancelled"
