@@ -32,6 +32,11 @@ def _read_only(handler: tornado.web.RequestHandler) -> bool:
     return bool(getattr(handler.application.options, "read_only", False))  # type: ignore[attr-defined]
 
 
+def _when(iso: str | None) -> str:
+    """An ISO time of the API as the pages show it: to the second, in the server's zone."""
+    return "-" if not iso else iso[:19].replace("T", " ")
+
+
 def _refuse_cross_site(handler: tornado.web.RequestHandler) -> None:
     """403 for a request another site's page made, as Flower 2.1+ refuses its own.
 
@@ -105,6 +110,7 @@ class RunsView(_Page):
             filters=filters,
             statuses=sorted(set(STATUSES) | set(page["counts"])),
             error=error,
+            when=_when,
         )
 
 
@@ -133,6 +139,7 @@ class RunView(_Page):
             message=message,
             failed=failed,
             read_only=_read_only(self),
+            when=_when,
         )
 
 
