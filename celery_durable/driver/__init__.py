@@ -11,6 +11,8 @@ implies. Parts:
   (:func:`on_driver_message`);
 * ``_plan`` — :class:`TurnPlan`, one method per kind of command;
 * ``_cache`` — suspended instances kept between turns;
+* ``_local`` — driving the next turn in the process that keeps the run suspended,
+  handed over on this machine without the broker;
 * ``_ids`` — which workflow ids callers may choose, and child runs' ids.
 
 Imports the runtime, the store, the worker layer (for publishing), the codec, settings
@@ -22,12 +24,14 @@ from __future__ import annotations
 from ._cache import InstanceCache, cache
 from ._driver import MAX_TURNS_IN_ONE_TASK, RunDriver
 from ._ids import check_workflow_id, child_run_id
+from ._local import LocalTurns, local_turns
 from ._plan import TurnPlan
 from ._start import create_run, driver_options, on_driver_message
 
 __all__ = [
     "MAX_TURNS_IN_ONE_TASK",
     "InstanceCache",
+    "LocalTurns",
     "RunDriver",
     "TurnPlan",
     "cache",
@@ -35,5 +39,6 @@ __all__ = [
     "child_run_id",
     "create_run",
     "driver_options",
+    "local_turns",
     "on_driver_message",
 ]

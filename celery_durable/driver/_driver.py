@@ -59,8 +59,10 @@ class RunDriver:
         workflow: str,
         fn: Callable[..., Coroutine[Any, Any, Any]],
         run_id: str,
+        holder: str | None = None,
     ) -> None:
         self.app = app
+        self.holder = holder
         self.workflow = workflow
         self.fn = fn
         self.run_id = run_id
@@ -124,6 +126,7 @@ class RunDriver:
             at=at,
             delivered=[step.seq for step in start.new_outcomes],
             cancel_delivered=cancel,
+            driver=self.holder if not instance.finished else None,
         )
         plan = TurnPlan(self.run_id, self._label, self.codec, write).add(commands)
 

@@ -27,8 +27,8 @@ from .._config import settings_for, store_for
 from ..errors import DurableError
 from ..store import NewRun
 from ..worker import DRIVER_OPTION_KEYS, is_wake
-from ._driver import RunDriver
 from ._ids import check_workflow_id
+from ._local import local_turns
 
 __all__ = ["create_run", "driver_options", "on_driver_message"]
 
@@ -106,7 +106,7 @@ def on_driver_message(
                 kwargs,
             )
             return None
-        return RunDriver(app, workflow, fn, str(args[0])).drive()
+        return local_turns.drive_here(app, workflow, fn, str(args[0]))
     # A message without a task id only comes from calling the task directly.
     run_id = str(getattr(request, "id", None) or uuid.uuid4())
     if create_run(app, workflow, run_id, args, kwargs, driver_options(options)):
@@ -117,4 +117,4 @@ def on_driver_message(
         logger.info(
             "workflow %s[%s]: start message delivered again; the run exists", workflow, run_id
         )
-    return RunDriver(app, workflow, fn, run_id).drive()
+    return local_turns.drive_here(app, workflow, fn, run_id)

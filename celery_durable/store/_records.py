@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "ACTIVE",
@@ -150,6 +150,20 @@ class TurnWrite:
     children: Sequence[NewRun] = ()
     #: Continue-as-new: the new input; the run's history is cleared.
     restart: tuple[str, bytes] | None = None
+    #: The process that ran the turn and keeps the run's coroutine (``driver._local``);
+    #: None when it keeps none that another process could reach.
+    driver: str | None = None
+
+
+class Recorded(NamedTuple):
+    """What :meth:`~celery_durable.store.Store.record_outcome` did."""
+
+    #: This call stored the outcome (False: it was there already, or the step is gone).
+    recorded: bool
+    #: This caller set the run's wake flag, so it, and no other, wakes the run.
+    woken: bool
+    #: The process that ran the run's last turn (``TurnWrite.driver``), when woken.
+    driver: str | None = None
 
 
 @dataclass(frozen=True)

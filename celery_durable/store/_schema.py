@@ -42,7 +42,7 @@ MAX_RUN_ID_LENGTH = 255
 
 #: Bumped whenever the tables change; each bump comes with its upgrade step in
 #: :mod:`celery_durable.store._migrations`.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: What each version added, as (table, column) pairs; upgrades add them in order.
 #: (New tables need no entry: they are created whenever they are missing.)
@@ -69,6 +69,7 @@ ADDED_COLUMNS: dict[int, list[tuple[str, str]]] = {
         ("durable_workers", "process_start"),
         ("durable_steps", "stall_from"),
     ],
+    7: [("durable_runs", "driver_id")],
 }
 
 #: Columns renamed by each version, as (table, old name, new name).
@@ -134,6 +135,10 @@ runs = Table(
     Column("cancel_at", Float, nullable=True),  # schema version 3
     # workflow.set_status() values.
     Column("progress", JSON, nullable=True),
+    # -- schema version 7 --
+    # The process that committed the run's last turn and keeps its coroutine suspended
+    # in memory (``driver._local``): where the next turn is cheapest. A hint only.
+    Column("driver_id", String(255), nullable=True),
     # Each periodic query of the sweeper reads one range of one index, so that it costs
     # what is due, not what the table holds (see ``_recovery``).
     # Runs never driven (status PENDING), stuck runs (STUCK).

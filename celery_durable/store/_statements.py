@@ -55,7 +55,7 @@ def wake_flag_update(no_disk_wait: ColumnElement[bool], now: ColumnElement[float
             )
         )
         .values(wake_pending=True, wake_sent_at=now)
-        .returning(runs.workflow, runs.options)
+        .returning(runs.workflow, runs.options, runs.driver_id)
     )
 
 
@@ -164,6 +164,7 @@ class HotStatements:
                 turn=bindparam("b_next", type_=Integer()),
                 status=bindparam("b_status", type_=String()),
                 updated_at=now,
+                driver_id=bindparam("b_driver", type_=String()),
             )
             .returning(runs.workflow, runs.parent_id, runs.parent_seq, runs.progress, runs.seq_base)
         )

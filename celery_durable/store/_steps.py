@@ -17,7 +17,7 @@ from sqlalchemy import ColumnElement, Connection, and_, func, select, tuple_, up
 from ..errors import StepLostError
 from . import _schema as s
 from ._base import RunWake, StoreBase, step_is
-from ._records import CLAIMED, DONE, SCHEDULED, ErrorInfo, LossPolicy
+from ._records import CLAIMED, DONE, SCHEDULED, ErrorInfo, LossPolicy, Recorded
 
 __all__ = ["StepClaims", "lost_error"]
 
@@ -96,11 +96,12 @@ class StepClaims(StoreBase):
         result: tuple[str, bytes] | None = None,
         error: ErrorInfo | None = None,
         retrying: bool = False,
-    ) -> tuple[bool, bool]:
-        """Record a step's outcome once; returns ``(recorded, wake_needed)``.
+    ) -> Recorded:
+        """Record a step's outcome once.
 
-        ``wake_needed`` is True for exactly one of the outcomes that arrive while no wake
-        is in flight, so the caller publishes one driver message for a burst of them.
+        ``woken`` is True for exactly one of the outcomes that arrive while no wake is in
+        flight, so the caller wakes the run once for a burst of them; ``driver`` then
+        names the process that holds the run's suspended coroutine, if one does.
         ``retrying``: an earlier try of this call failed midway, so the outcome may be
         recorded already while its wake was not flagged: flag it now.
         """
@@ -114,7 +115,7 @@ class StepClaims(StoreBase):
         with self._each_statement_commits() as conn:
             recorded = conn.execute(record, values).rowcount
             if recorded != 1 and not retrying:
-                return False, False
+                return Recorded(False, False)
             # The outcome is committed before the flag is looked at. Were both in one
             # transaction (PostgreSQL, READ COMMITTED), a driver could clear the flag and
             # read the outcomes between this look and this commit: it would miss the
@@ -122,7 +123,9 @@ class StepClaims(StoreBase):
             # sweeper. Now a flag seen set belongs to a turn whose read comes later and
             # sees the outcome; a flag seen clear is set here and a wake is sent.
             wake = conn.execute(self._hot.flag_wake_fast, key).first()
-            return recorded == 1, wake is not None
+            if wake is None:
+                return Recorded(recorded == 1, False)
+            return Recorded(recorded == 1, True, wake.driver_id)
 
     def release_step(
         self,

@@ -106,7 +106,7 @@ class TurnWrites(StoreBase):
             extra["cancel_at"] = at
         key = {"b_run": run_id, "b_turn": turn, "b_next": turn + 1, "b_at": at}
         advance = self._hot.advance.values(**extra) if extra else self._hot.advance
-        fence = {"b_incarnation": write.incarnation}
+        fence = {"b_incarnation": write.incarnation, "b_driver": write.driver}
         finishing = write.status in FINISHED
         with self._transaction() as conn:
             if finishing:

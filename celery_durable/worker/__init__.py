@@ -7,7 +7,9 @@
   retention (deleting what has expired);
 * ``_messages`` — the two kinds of message (step and wake) and their headers;
 * ``_republish`` — turning stored dispatches back into messages (recovery, retry);
-* ``_identity`` — this process's identity in the store.
+* ``_identity`` — this process's identity in the store;
+* ``_wakes`` — where a recorded outcome's wake goes: a driver in this process (which
+  the driver layer installs), or the broker.
 
 It may import the store, the codec and settings, and Celery; never the driver, canvas or
 public API modules (a test holds the rule). :func:`connect` runs when celery_durable is
@@ -18,7 +20,13 @@ from __future__ import annotations
 
 from celery import signals
 
-from ._bootstep import DurableWorkerStep, on_worker_init, on_worker_shutdown
+from ._bootstep import (
+    DurableWorkerStep,
+    on_process_init,
+    on_process_shutdown,
+    on_worker_init,
+    on_worker_shutdown,
+)
 from ._claims import on_task_failure, on_task_received, on_task_revoked, on_task_success
 from ._identity import worker_id
 from ._messages import (
@@ -31,6 +39,7 @@ from ._messages import (
 )
 from ._republish import publish_resumed, resend, retry_run
 from ._sweeper import GONE_WORKERS_KEPT, Sweeper
+from ._wakes import install_local_driver, runs_tasks, wake
 
 __all__ = [
     "DRIVER_OPTION_KEYS",
@@ -39,13 +48,16 @@ __all__ = [
     "Sweeper",
     "batched",
     "connect",
+    "install_local_driver",
     "is_wake",
     "publish_resumed",
     "publish_step",
     "publish_wake",
     "resend",
     "retry_run",
+    "runs_tasks",
     "step_headers",
+    "wake",
     "worker_id",
 ]
 
@@ -64,3 +76,5 @@ def connect() -> None:
     signals.task_revoked.connect(on_task_revoked, weak=False)
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False)
     signals.worker_init.connect(on_worker_init, weak=False)
+    signals.worker_process_init.connect(on_process_init, weak=False)
+    signals.worker_process_shutdown.connect(on_process_shutdown, weak=False)

@@ -6,12 +6,20 @@ import logging
 from typing import Any
 
 from celery import bootsteps
+from celery.concurrency.prefork import TaskPool as PreforkPool
 
 from .._config import settings_for, store_for
 from . import _identity
 from ._sweeper import Sweeper
+from ._wakes import drain_local_driver, set_runs_tasks
 
-__all__ = ["DurableWorkerStep", "on_worker_init", "on_worker_shutdown"]
+__all__ = [
+    "DurableWorkerStep",
+    "on_process_init",
+    "on_process_shutdown",
+    "on_worker_init",
+    "on_worker_shutdown",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +40,9 @@ class DurableWorkerStep(bootsteps.StartStopStep):
     def start(self, worker: Any) -> None:
         global _sweeper
         identity = _identity.adopt(worker.hostname)
+        # A prefork worker's main process runs the consumer, not tasks: turns are driven
+        # in its children (which say so in on_process_init), never here.
+        set_runs_tasks(not isinstance(worker.pool, PreforkPool))
         settings_for(worker.app)  # fail at start, with the fix, on a bad setting
         try:
             store_for(worker.app).ensure_schema()  # here, not first in the sweeper thread
@@ -61,6 +72,9 @@ def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
     ``worker_shutdown`` comes after the pool has drained: every step this worker ran has
     finished and its outcome is recorded, so what it still claims it never started.
     """
+    # Turns this process took for local driving (threads and solo pools) end first:
+    # they may publish steps, and the sweeper's stop records a clean shutdown.
+    drain_local_driver(LOCAL_TURNS_PATIENCE)
     if _sweeper is not None:
         _sweeper.stop()
     if not _identity.registered() or sender is None:
@@ -69,6 +83,22 @@ def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
         store_for(sender.app).worker_stopped(_identity.worker_id())
     except Exception:
         logger.exception("could not record this worker's shutdown")
+
+
+#: Seconds a stopping process waits for the turns it is driving locally; one still going
+#: then is cut off, and its run is woken again by a sweeper (``durable_stall_timeout``).
+LOCAL_TURNS_PATIENCE = 10.0
+
+
+def on_process_init(**_: Any) -> None:
+    """A prefork child: it runs tasks, so it drives turns of the outcomes it records."""
+    set_runs_tasks(True)
+
+
+def on_process_shutdown(**_: Any) -> None:
+    """A prefork child exiting (a warm shutdown, ``max_tasks_per_child``): finish the
+    turns it is driving rather than leave their runs to the sweeper."""
+    drain_local_driver(LOCAL_TURNS_PATIENCE)
 
 
 def on_worker_init(sender: Any = None, **_: Any) -> None:

@@ -18,6 +18,7 @@ from celery.worker import state as worker_state
 
 from .._codec import encode_error
 from .._config import settings_for, store_for
+from ..store import Recorded
 from ._identity import worker_id
 from ._messages import (
     HEADER_DISPATCH,
@@ -28,6 +29,7 @@ from ._messages import (
     publish_wake,
 )
 from ._retrying import retry_while_unreachable
+from ._wakes import wake
 
 __all__ = [
     "held_dispatches",
@@ -148,6 +150,7 @@ def _record(
     value: Any = None,
     request: Any = None,
     patience: float | None = None,
+    here: bool = True,
 ) -> None:
     """Record a step's outcome, retrying while the store is unreachable.
 
@@ -155,7 +158,8 @@ def _record(
     away (a restart, a failover, a connection cut) the write is retried with backoff,
     for ``patience`` seconds (None: as long as this process lives). Meanwhile the worker
     still holds the request, so it keeps renewing the step's claim and no other worker
-    runs the step again.
+    runs the step again. ``here=False``: this is not where tasks run (the consumer of a
+    prefork worker), so the wake goes to the broker.
     """
     request = task.request if request is None else request
     headers = _durable_headers(request)
@@ -175,20 +179,25 @@ def _record(
     what = f"the outcome of step {seq} ({task.name}) of run {run_id}"
     attempts = 0
 
-    def write() -> tuple[bool, bool]:
+    def write() -> Recorded:
         nonlocal attempts
         attempts += 1
         return store.record_outcome(run_id, seq, retrying=attempts > 1, **outcome)
 
     recorded = retry_while_unreachable(write, what, patience)
-    if recorded is None or not recorded[1]:
+    if recorded is None or not recorded.woken:
         return
     workflow = _header(request, HEADER_WORKFLOW)
     driver = _header(request, HEADER_DRIVER) or {}
     if workflow is None:
         run = store.require_run(run_id)
         workflow, driver = run.workflow, run.options
-    publish_wake(app, workflow, run_id, driver)
+    if here:
+        # Usually the next turn is driven in this process, or handed to the one on this
+        # machine that keeps the run's coroutine: no broker message, no replay.
+        wake(app, workflow, run_id, driver, holder=recorded.driver)
+    else:
+        publish_wake(app, workflow, run_id, driver)
 
 
 def on_task_success(sender: Any = None, result: Any = None, **_: Any) -> None:
@@ -237,4 +246,5 @@ def on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
         error=TaskRevokedError(f"task {task_id} was revoked"),
         request=getattr(request, "request_dict", request),
         patience=5.0,
+        here=False,
     )

@@ -1,0 +1,281 @@
+"""Driving a run's next turn where it is cheapest: in the process that keeps the run's
+coroutine suspended, without a broker message.
+
+A step's outcome is recorded in the worker process that ran the step. Sending a wake
+through the broker then costs a message, a trip through the worker's consumer and pool,
+and, on a prefork worker, usually a replay of the whole history: the wake lands on any
+child, rarely the one that keeps the run's coroutine. Instead:
+
+* each process that drives a turn commits, with the turn, its own *holder id* (an id no
+  other process has, naming the machine) and keeps listening on a Unix datagram socket
+  named after it;
+* the recorder that sets a run's wake flag learns the holder from that same statement:
+  a holder on this machine is handed the run by one datagram; with no holder, or one
+  that is gone, the recorder's own process drives the run (if it has the workflow and
+  consumes its queue), and holds it from then on;
+* turns taken this way run on a few threads of the receiving process (never in the
+  pool's own task slot, so a step's time limits never interrupt a turn), and one run
+  is driven by one thread at a time: a wake for a run being driven makes that thread
+  look once more instead of starting a second turn (which would replay and race).
+
+Nothing here is needed for correctness. A datagram, a thread or a whole process lost
+leaves the run's wake flag set in the store, and the sweeper wakes it within
+``durable_stall_timeout``, as it does for a lost wake message; duplicate turns are
+fenced in the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from celery import Celery
+
+from .._config import store_for
+from ..worker import install_local_driver, publish_wake, runs_tasks
+from ..worker._identity import machine
+from ._driver import RunDriver
+
+__all__ = ["LocalTurns", "local_turns"]
+
+logger = logging.getLogger(__name__)
+
+Workflow = Callable[..., Coroutine[Any, Any, Any]]
+
+#: Threads per process that drive handed-over turns: enough to overlap one turn's
+#: database round trips with another's work, few enough not to crowd the pool.
+TURN_THREADS = 4
+
+_PREFIX = "celery-durable"
+
+
+def workflow_code(app: Celery, workflow: str) -> Workflow | None:
+    """The ``async def`` of ``workflow`` if this process has it (its driver task)."""
+    durable = getattr(app.tasks.get(workflow), "durable", None)
+    fn = getattr(durable, "fn", None)
+    return fn if callable(fn) else None
+
+
+def consumes_driver_queue(app: Celery, workflow: str, options: Mapping[str, Any]) -> bool:
+    """Whether this worker takes the run's wake messages (the queue they are routed to).
+
+    A deployment that routes workflows to some workers only keeps their turns there.
+    """
+    try:
+        route = app.amqp.router.route(dict(options), workflow)
+        queue = route.get("queue")
+        name = getattr(queue, "name", queue)
+        return name in app.amqp.queues.consume_from
+    except Exception:  # an unusual router: be conservative
+        return False
+
+
+class LocalTurns:
+    """This process's local driving: its holder id, its socket and its turn threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._id: str | None = None
+        self._socket: socket.socket | None = None
+        self._sender: socket.socket | None = None
+        self._threads: ThreadPoolExecutor | None = None
+        self._app: Celery | None = None
+        self._closed = False
+        # Runs being driven here, each with whether a wake came in meanwhile.
+        self._driving: dict[str, bool] = {}
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's socket, threads and id are not its own (and a
+        lock another thread held at the fork would stay held)."""
+        self.__init__()  # type: ignore[misc]
+
+    # -- identity and socket ------------------------------------------------------------
+
+    def holder_id(self, app: Celery) -> str | None:
+        """The id this process commits with its turns, listening for handed-over runs;
+        None if it cannot listen (no Unix sockets, no machine identity)."""
+        with self._lock:
+            if self._id is None and not self._closed:
+                self._listen(app)
+            return self._id
+
+    def _listen(self, app: Celery) -> None:
+        where = machine()
+        if where is None or not hasattr(socket, "AF_UNIX"):
+            self._closed = True  # cannot tell machines apart: hand nothing over
+            return
+        holder = f"{_PREFIX}/{uuid.uuid4().hex}@{where}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(_address(holder))
+        except OSError:
+            sock.close()
+            logger.warning("celery_durable: cannot listen for local turns", exc_info=True)
+            self._closed = True
+            return
+        self._socket, self._id, self._app = sock, holder, app
+        self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sender.setblocking(False)
+        self._threads = ThreadPoolExecutor(TURN_THREADS, thread_name_prefix="durable-turn")
+        listener = threading.Thread(
+            target=self._receive, args=(sock,), name="durable-turns", daemon=True
+        )
+        listener.start()
+
+    def _receive(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return  # closed by drain()
+            workflow, _, run_id = data.decode("utf-8", "replace").partition("\n")
+            app = self._app
+            if app is None or not run_id:
+                continue
+            fn = workflow_code(app, workflow)
+            if fn is None or not self._submit(app, workflow, fn, run_id):
+                _wake_by_broker(app, workflow, run_id)
+
+    # -- taking wakes ---------------------------------------------------------------------
+
+    def __call__(
+        self,
+        app: Celery,
+        workflow: str,
+        run_id: str,
+        options: Mapping[str, Any],
+        holder: str | None,
+    ) -> bool:
+        """Drive the run's next turn here or hand it to its holder; False if neither."""
+        mine = self.holder_id(app)
+        if holder is not None and holder != mine and self._hand_over(holder, workflow, run_id):
+            return True
+        fn = workflow_code(app, workflow)
+        if mine is None or fn is None or not consumes_driver_queue(app, workflow, options):
+            return False
+        return self._submit(app, workflow, fn, run_id)
+
+    def _hand_over(self, holder: str, workflow: str, run_id: str) -> bool:
+        sender = self._sender
+        if sender is None or not holder.endswith(f"@{machine()}"):
+            return False
+        try:
+            sender.sendto(f"{workflow}\n{run_id}".encode(), _address(holder))
+        except OSError:
+            return False  # gone (refused, no such socket) or swamped: drive it here
+        return True
+
+    def _submit(self, app: Celery, workflow: str, fn: Workflow, run_id: str) -> bool:
+        with self._lock:
+            threads = self._threads
+            if threads is None or self._closed:
+                return False
+            if run_id in self._driving:
+                self._driving[run_id] = True  # the thread driving it looks once more
+                return True
+            self._driving[run_id] = False
+            try:
+                threads.submit(self._drive, app, workflow, fn, run_id)
+            except RuntimeError:  # shut down meanwhile
+                del self._driving[run_id]
+                return False
+        return True
+
+    def _drive(self, app: Celery, workflow: str, fn: Workflow, run_id: str) -> None:
+        try:
+            while True:
+                RunDriver(app, workflow, fn, run_id, holder=self._id).drive()
+                with self._lock:
+                    if not self._driving[run_id]:
+                        del self._driving[run_id]
+                        return
+                    self._driving[run_id] = False
+        except BaseException:
+            with self._lock:
+                self._driving.pop(run_id, None)
+            # The store may be away, or the turn failed in a way a worker should retry:
+            # a wake message lets any worker try; failing that, the sweeper will.
+            logger.exception("workflow %s[%s]: local turn failed; sending a wake", workflow, run_id)
+            _wake_by_broker(app, workflow, run_id)
+
+    def drive_here(self, app: Celery, workflow: str, fn: Workflow, run_id: str) -> str | None:
+        """Drive the run in the calling thread (a wake message's task), as its holder.
+
+        If a turn thread is driving it right now, that thread looks once more instead.
+        """
+        holder = self.holder_id(app) if runs_tasks() else None
+        with self._lock:
+            if run_id in self._driving:
+                self._driving[run_id] = True
+                return None
+            self._driving[run_id] = False
+        status = None
+        try:
+            while True:
+                status = RunDriver(app, workflow, fn, run_id, holder=holder).drive()
+                with self._lock:
+                    if not self._driving[run_id]:
+                        return status
+                    self._driving[run_id] = False
+        finally:
+            with self._lock:
+                self._driving.pop(run_id, None)
+
+    def drain(self, timeout: float) -> None:
+        """Stop listening and wait (at most ``timeout`` s) for the turns taken."""
+        with self._lock:
+            if self._pid != os.getpid():
+                return
+            self._closed = True
+            sock, threads = self._socket, self._threads
+            self._socket = None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        if threads is None:
+            return
+        done = threading.Event()
+
+        def wait() -> None:
+            threads.shutdown(wait=True)
+            done.set()
+
+        threading.Thread(target=wait, daemon=True).start()
+        if not done.wait(timeout):
+            logger.warning("celery_durable: local turns still running at exit")
+
+
+def _wake_by_broker(app: Celery, workflow: str, run_id: str) -> None:
+    """Send the run's wake to the broker, routed as the run's own (best effort)."""
+    try:
+        run = store_for(app).get_run(run_id)
+        if run is not None:
+            publish_wake(app, workflow, run_id, run.options)
+    except Exception:
+        logger.warning("workflow %s[%s]: no wake sent; the sweeper will", workflow, run_id)
+
+
+def _address(holder: str) -> str | bytes:
+    name = holder.partition("@")[0]
+    if sys.platform.startswith("linux"):
+        return b"\0" + name.encode()  # abstract: vanishes with the process
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), name.replace("/", "-") + ".sock")
+
+
+#: This process's local driving; installed in the worker layer on import.
+local_turns = LocalTurns()
+install_local_driver(local_turns, local_turns.drain)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=local_turns.after_fork)
