@@ -97,8 +97,15 @@ def commit(
     status: str = _store.RUNNING,
     result: tuple[str, bytes] | None = None,
     error: dict[str, Any] | None = None,
+    seen: int | None = None,
 ) -> bool:
-    """Commit a turn; True if it landed (the store returns None when fenced out)."""
+    """Commit a turn; True if it landed (the store returns None when fenced out).
+
+    ``seen``: the events the turn read (by default, every event counted so far).
+    """
+    if seen is None:
+        run = store.get_run(run_id)
+        seen = 0 if run is None else run.events
     write = TurnWrite(
         turn=turn,
         at=at,
@@ -107,6 +114,7 @@ def commit(
         status=status,
         result=result,
         error=error,
+        seen=seen,
     )
     return store.commit_turn(run_id, write) is not None
 
@@ -343,24 +351,53 @@ def test_record_outcome_of_an_unknown_step_records_nothing(store: Store) -> None
     assert store.record_outcome("nope", 1, result=ok())[:2] == (False, False)
 
 
-def test_only_the_first_outcome_while_no_wake_is_pending_asks_for_a_wake(store: Store) -> None:
-    start(store, "a", "b", "c", "d")
-    # create_run left a wake pending; the first turn took it.
+def test_only_the_first_outcome_a_turn_has_not_seen_asks_for_a_wake(store: Store) -> None:
+    start(store, "a", "b", "c", "d", "e")
     assert store.record_outcome("run-1", 1, result=ok())[:2] == (True, True)
     assert store.record_outcome("run-1", 2, result=ok())[:2] == (True, False)
     assert store.record_outcome("run-1", 3, result=ok())[:2] == (True, False)
 
-    begun = store.begin_turn("run-1")  # the driver takes the wake
+    begun = store.begin_turn("run-1")  # a turn reads; it takes nothing yet
     assert begun is not None
     assert [s.seq for s in begun.new_outcomes] == [1, 2, 3]
-    assert store.record_outcome("run-1", 4, result=ok())[:2] == (True, True)
+    assert begun.run.events == 3
+    # Counted after the read, and not the first unseen: this recorder wakes nobody, so
+    # the turn's commit reports it pending and its driver runs another turn.
+    assert store.record_outcome("run-1", 4, result=ok())[:2] == (True, False)
+    write = TurnWrite(turn=1, at=T0, delivered=[1, 2, 3], seen=begun.run.events)
+    committed = store.commit_turn("run-1", write)
+    assert committed is not None and committed.pending
+
+    again = store.begin_turn("run-1")
+    assert again is not None and [s.seq for s in again.new_outcomes] == [4]
+    write = TurnWrite(turn=2, at=T0, delivered=[4], seen=again.run.events)
+    committed = store.commit_turn("run-1", write)
+    assert committed is not None and not committed.pending
+    # Everything counted has been seen: the next outcome wakes the run again.
+    assert store.record_outcome("run-1", 5, result=ok())[:2] == (True, True)
 
 
-def test_a_pending_wake_from_create_run_coalesces_early_outcomes(store: Store) -> None:
+def test_a_turn_that_finds_nothing_to_deliver_still_takes_its_events(store: Store) -> None:
+    start(store, "a", "b")
+    assert store.record_outcome("run-1", 1, result=ok())[:2] == (True, True)
+    assert commit(store, "run-1", 1, [1], [], T0)
+    # A retried write counts its event again, with nothing new to deliver.
+    assert store.record_outcome("run-1", 1, result=ok(), retrying=True)[:2] == (False, True)
+    begun = store.begin_turn("run-1")
+    assert begun is not None and not begun.new_outcomes
+    assert begun.run.events > begun.run.taken
+    assert not store.take_events("run-1", begun.run.events)
+    assert store.record_outcome("run-1", 2, result=ok())[:2] == (True, True)
+
+
+def test_the_first_outcome_after_the_first_turn_wakes_even_with_the_start_wake_out(
+    store: Store,
+) -> None:
     create(store)
-    # Nothing has taken the wake that starting the run asked for.
+    # Nothing has run the turn the start's wake asked for; a turn committed anyway
+    # (another copy of it) saw no events, so the outcome is the first unseen one.
     assert commit(store, "run-1", 0, [], new_steps("a"), T0)
-    assert store.record_outcome("run-1", 1, result=ok())[:2] == (True, False)
+    assert store.record_outcome("run-1", 1, result=ok())[:2] == (True, True)
 
 
 def test_outcomes_of_an_inactive_run_are_recorded_without_a_wake(store: Store) -> None:

@@ -97,7 +97,10 @@ class RunDriver:
             return run.status, False
         cancel = run.cancel_requested and run.cancel_turn is None
         if run.turn > 0 and not start.new_outcomes and not cancel:
-            return run.status, False  # a duplicate or coalesced wake: nothing new
+            # A duplicate or coalesced wake, or an event with nothing to deliver (a
+            # signal no wait wants yet): nothing new. Its events are seen all the same.
+            again = run.events > run.taken and self.store.take_events(self.run_id, run.events)
+            return run.status, again
 
         instance = cache.take(self.run_id, run.turn, run.incarnation)
         # The turn's time; the first turn's becomes the run's start time, which replays
@@ -127,6 +130,7 @@ class RunDriver:
             delivered=[step.seq for step in start.new_outcomes],
             cancel_delivered=cancel,
             driver=self.holder if not instance.finished else None,
+            seen=run.events,
         )
         plan = TurnPlan(self.run_id, self._label, self.codec, write).add(commands)
 
@@ -154,8 +158,13 @@ class RunDriver:
         self._publish(run, plan.messages, committed)
         if write.status == FAILURE and write.error is not None:
             logger.info("%s failed: %s", self._label, write.error.get("message"))
-        again = plan.messages.local_steps or committed.signals_matched or write.restart is not None
-        return write.status, bool(again)
+        more = (
+            plan.messages.local_steps
+            or committed.signals_matched
+            or committed.pending
+            or write.restart is not None
+        )
+        return write.status, bool(more)
 
     # -- after the commit ------------------------------------------------------------------
 

@@ -9,15 +9,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, func, select, true
+from sqlalchemy import ColumnElement, Connection, Row, and_, func, select, true
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.sql import Executable
 
 from ..errors import StoreUnavailableError
 from . import _clock, _migrations
 from . import _schema as s
 from ._engine import fork_gate, live_stores, make_engine, safe_url
 from ._records import Dispatch
-from ._statements import HotStatements
+from ._statements import HotStatements, woke
 
 __all__ = ["RunWake", "StoreBase", "is_unreachable", "load_dispatches", "step_is"]
 
@@ -83,6 +84,11 @@ class StoreBase:
         self.ensure_schema()
         with self._lost_connections(), self._connect() as conn:
             yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    def _each_statement(self, statement: Executable, values: dict[str, Any]) -> Row[Any] | None:
+        """Run one statement that commits by itself; its first row."""
+        with self._each_statement_commits() as conn:
+            return conn.execute(statement, values).first()
 
     @contextmanager
     def _lost_connections(self) -> Iterator[None]:
@@ -169,20 +175,18 @@ class StoreBase:
         )
 
     def _flag_wake(self, conn: Connection, run_id: str, locked: bool = False) -> RunWake | None:
-        """Set the run's wake flag in this transaction; returns what to publish if it
-        was not already set.
+        """Count an event of the run in this transaction; returns what to publish if
+        this event is the one that wakes it (see ``wake_flag_update``).
 
         ``locked``: this transaction already holds the run's row (it updated it).
         """
-        # The caller has just completed a step in this same transaction, which no driver
-        # can see before the commit. Hold the run's row until then: a driver clearing the
-        # flag meanwhile waits and reads the step afterwards. Without the lock it could
-        # clear the flag and read the steps in between (READ COMMITTED), miss the step,
-        # and the flag seen set here would promise a wake that never comes.
+        # Lock order: the run's row before its steps' (the caller may go on to them).
         if not locked:
             self._lock_run(conn, run_id)
         row = conn.execute(self._hot.flag_wake, {"b_run": run_id}).first()
-        return None if row is None else (run_id, row.workflow, row.options or {})
+        if row is None or not woke(row):
+            return None
+        return (run_id, row.workflow, row.options or {})
 
 
 def _lost_connection(exc: DBAPIError, dialect: str) -> bool:

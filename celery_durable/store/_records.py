@@ -106,6 +106,9 @@ class RunRecord:
     cancel_turn: int | None = None
     cancel_at: float | None = None
     progress: Mapping[str, Any] | None = None
+    #: Events written for the run so far, and how many the last committed turn saw.
+    events: int = 0
+    taken: int = 0
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,8 @@ class TurnWrite:
     #: The process that ran the turn and keeps the run's coroutine (``driver._local``);
     #: None when it keeps none that another process could reach.
     driver: str | None = None
+    #: The run's event count the turn read (``RunRecord.events``): what it has seen.
+    seen: int = 0
 
 
 class Recorded(NamedTuple):
@@ -185,6 +190,9 @@ class TurnCommitted:
     cancelled: list[CancelledStep]
     #: A finished child's parent, to wake: (run id, workflow, driver options).
     parent: tuple[str, str, Mapping[str, Any]] | None
+    #: Events arrived after the turn read the run: nobody else will wake it for them,
+    #: so the driver runs another turn.
+    pending: bool = False
     #: Child runs of cancelled child steps that this commit asked to cancel and whose
     #: wake flag it set, to wake (a wake lost here is re-sent by the sweeper).
     cancelled_children: list[tuple[str, str, Mapping[str, Any]]] = field(default_factory=list)
@@ -366,6 +374,8 @@ def run_record(row: Any) -> RunRecord:
         cancel_turn=row.cancel_turn,
         cancel_at=row.cancel_at,
         progress=row.progress,
+        events=row.events or 0,
+        taken=row.taken or 0,
     )
 
 

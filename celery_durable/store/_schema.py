@@ -42,7 +42,7 @@ MAX_RUN_ID_LENGTH = 255
 
 #: Bumped whenever the tables change; each bump comes with its upgrade step in
 #: :mod:`celery_durable.store._migrations`.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 #: What each version added, as (table, column) pairs; upgrades add them in order.
 #: (New tables need no entry: they are created whenever they are missing.)
@@ -70,6 +70,7 @@ ADDED_COLUMNS: dict[int, list[tuple[str, str]]] = {
         ("durable_steps", "stall_from"),
     ],
     7: [("durable_runs", "driver_id")],
+    8: [("durable_runs", "events"), ("durable_runs", "taken")],
 }
 
 #: Columns renamed by each version, as (table, old name, new name).
@@ -139,6 +140,13 @@ runs = Table(
     # The process that committed the run's last turn and keeps its coroutine suspended
     # in memory (``driver._local``): where the next turn is cheapest. A hint only.
     Column("driver_id", String(255), nullable=True),
+    # -- schema version 8 --
+    # Events that want a turn (outcomes, fired timers, matched signals, cancel
+    # requests), counted as they are written, and how many of them the last committed
+    # turn saw (NULL: 0). A run is waiting for a turn while events > taken; the writer
+    # that makes it so (events - 1 == taken) is the one that wakes it.
+    Column("events", Integer, nullable=True),
+    Column("taken", Integer, nullable=True),
     # Each periodic query of the sweeper reads one range of one index, so that it costs
     # what is due, not what the table holds (see ``_recovery``).
     # Runs never driven (status PENDING), stuck runs (STUCK).

@@ -9,15 +9,21 @@ the statement itself (``now``, see ``_clock``); ``b_at`` is only ever a turn's o
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
+    Boolean,
     ColumnElement,
     Float,
     Insert,
     Integer,
+    Select,
     String,
     Update,
     and_,
     bindparam,
+    case,
+    exists,
     func,
     insert,
     or_,
@@ -29,7 +35,7 @@ from sqlalchemy import (
 from . import _schema as s
 from ._records import ACTIVE, CLAIMED, DELIVERED, DONE, SCHEDULED
 
-__all__ = ["HotStatements", "incarnation_is", "wake_flag_update"]
+__all__ = ["HotStatements", "incarnation_is", "wake_flag_update", "woke"]
 
 
 def incarnation_is(incarnation: ColumnElement[int] | int) -> ColumnElement[bool]:
@@ -38,25 +44,60 @@ def incarnation_is(incarnation: ColumnElement[int] | int) -> ColumnElement[bool]
 
 
 def wake_flag_update(no_disk_wait: ColumnElement[bool], now: ColumnElement[float]) -> Update:
-    """Set a run's wake flag unless it is set already; returns the run's routing.
+    """Count one more event that wants a turn of the run; returns its routing, its
+    driver and both counts.
 
-    A row comes back only when this statement set the flag: that caller, and no other,
-    sends the wake message.
+    Every such event is counted, under the run's row lock. The writer whose event is
+    the first the last committed turn did not see (``events - 1 == taken`` in the row
+    returned: :func:`woke`) wakes the run; the others leave it to that turn's
+    successor, whose commit tells it whether events came after its read.
     """
     runs = s.runs.c
+    events, taken = func.coalesce(runs.events, 0), func.coalesce(runs.taken, 0)
     return (
         update(s.runs)
         .where(
             and_(
                 runs.id == bindparam("b_run", type_=String()),
-                runs.wake_pending.is_(False),
                 runs.status.in_(ACTIVE),
                 no_disk_wait,
             )
         )
-        .values(wake_pending=True, wake_sent_at=now)
-        .returning(runs.workflow, runs.options, runs.driver_id)
+        .values(
+            events=events + 1,
+            wake_pending=True,
+            # When the run began waiting for a turn: the sweeper's backoff counts from it.
+            wake_sent_at=case((events == taken, now), else_=runs.wake_sent_at),
+        )
+        .returning(runs.workflow, runs.options, runs.driver_id, runs.events, runs.taken)
     )
+
+
+def _recording(record: Update, count: Update) -> Select[Any]:
+    """``record`` (an outcome's update) and the event it makes, in one PostgreSQL
+    statement: one round trip, one commit. Returns one row: ``recorded`` (0 or 1) and
+    the event's row (all NULL when none was counted: the run is not active)."""
+    runs = s.runs.c
+    # The lock order: the run's row first, then its step's (the EXISTS below is
+    # evaluated before the step's row is updated).
+    lock = (
+        select(runs.id)
+        .where(runs.id == bindparam("b_run", type_=String()))
+        .with_for_update(key_share=True)
+        .cte("run_lock")
+    )
+    rec = record.where(exists(select(lock.c.id))).returning(s.steps.c.run_id).cte("recorded")
+    retrying = bindparam("b_retrying", type_=Boolean())
+    flag = count.where(or_(exists(select(rec.c.run_id)), retrying)).cte("counted")
+    return select(
+        select(func.count()).select_from(rec).scalar_subquery().label("recorded"),
+        *(select(c).scalar_subquery().label(c.name) for c in flag.c),
+    )
+
+
+def woke(row: Any) -> bool:
+    """Whether the writer of an event (a row of :func:`wake_flag_update`) wakes the run."""
+    return bool((row.events or 0) - 1 == (row.taken or 0))
 
 
 class HotStatements:
@@ -128,17 +169,24 @@ class HotStatements:
                 stall_from=None,
             )
         )
-        # Lost in a database crash, a set flag only delays the sweeper's wake. Inside a
-        # transaction that must be durable (a signal, a timer) the flag waits for the disk.
+        # An event lost in a database crash only delays the sweeper's wake; inside a
+        # transaction that must be durable (an outcome, a signal, a timer) it waits for
+        # the disk with the rest.
         self.flag_wake_fast = wake_flag_update(no_disk_wait, now)
         self.flag_wake = wake_flag_update(true(), now)
-        # A clear lost in a database crash leaves the flag set with no wake in flight;
-        # the sweeper wakes such a run.
-        self.take_wake = (
+        self._recording = {
+            id(self.record_ok): _recording(self.record_ok, self.flag_wake),
+            id(self.record_error): _recording(self.record_error, self.flag_wake),
+        }
+        self.run = select(s.runs).where(runs.id == run_id)
+        seen = bindparam("b_seen", type_=Integer())
+        # A turn with nothing to deliver still takes the events it saw (a signal no wait
+        # wanted, say), or the next event would not see itself as the first and wake.
+        self.take_events = (
             update(s.runs)
-            .where(and_(runs.id == run_id, no_disk_wait))
-            .values(wake_pending=False)
-            .returning(*s.runs.c)
+            .where(and_(runs.id == run_id, func.coalesce(runs.taken, 0) < seen, no_disk_wait))
+            .values(taken=seen, wake_pending=func.coalesce(runs.events, 0) > seen)
+            .returning(runs.events)
         )
         self.outcomes = (
             select(s.steps)
@@ -165,8 +213,19 @@ class HotStatements:
                 status=bindparam("b_status", type_=String()),
                 updated_at=now,
                 driver_id=bindparam("b_driver", type_=String()),
+                # Evaluated on the row as locked, so events written after the turn's
+                # read are seen here (see wake_flag_update).
+                taken=seen,
+                wake_pending=func.coalesce(runs.events, 0) > seen,
             )
-            .returning(runs.workflow, runs.parent_id, runs.parent_seq, runs.progress, runs.seq_base)
+            .returning(
+                runs.workflow,
+                runs.parent_id,
+                runs.parent_seq,
+                runs.progress,
+                runs.seq_base,
+                runs.events,
+            )
         )
         # The new steps of a turn (rows from ``step_row``). Their times count from the
         # database's clock at the commit: a timer's deadline is ``b_due_in`` seconds
@@ -192,3 +251,7 @@ class HotStatements:
                 state=DELIVERED, observed_turn=bindparam("b_next", type_=Integer()), observed_at=at
             )
         )
+
+    def record_with(self, record: Update) -> Select[Any]:
+        """The one-statement form (PostgreSQL) of ``record`` and its event."""
+        return self._recording[id(record)]

@@ -18,6 +18,7 @@ from ..errors import StepLostError
 from . import _schema as s
 from ._base import RunWake, StoreBase, step_is
 from ._records import CLAIMED, DONE, SCHEDULED, ErrorInfo, LossPolicy, Recorded
+from ._statements import woke
 
 __all__ = ["StepClaims", "lost_error"]
 
@@ -102,8 +103,8 @@ class StepClaims(StoreBase):
         ``woken`` is True for exactly one of the outcomes that arrive while no wake is in
         flight, so the caller wakes the run once for a burst of them; ``driver`` then
         names the process that holds the run's suspended coroutine, if one does.
-        ``retrying``: an earlier try of this call failed midway, so the outcome may be
-        recorded already while its wake was not flagged: flag it now.
+        ``retrying``: an earlier try of this call may have recorded the outcome and lost
+        the answer: count the event again (a spare turn costs less than a lost wake).
         """
         key = {"b_run": run_id, "b_seq": seq}
         if error is not None:
@@ -112,20 +113,26 @@ class StepClaims(StoreBase):
             assert result is not None
             record = self._hot.record_ok
             values = {**key, "b_type": result[0], "b_result": result[1]}
-        with self._each_statement_commits() as conn:
-            recorded = conn.execute(record, values).rowcount
-            if recorded != 1 and not retrying:
+        if self.dialect == "postgresql":
+            # One statement, one round trip: lock the run, store the outcome, count it.
+            row = self._each_statement(
+                self._hot.record_with(record), {**values, "b_retrying": retrying}
+            )
+            assert row is not None
+            if row.events is None:
+                return Recorded(bool(row.recorded), False)
+            return Recorded(bool(row.recorded), woke(row), row.driver_id)
+        # The outcome and its event commit together: a turn's read sees both or neither,
+        # and its commit sees every event counted before it (see wake_flag_update).
+        with self._transaction() as conn:
+            self._lock_run(conn, run_id)
+            recorded = conn.execute(record, values).rowcount == 1
+            if not recorded and not retrying:
                 return Recorded(False, False)
-            # The outcome is committed before the flag is looked at. Were both in one
-            # transaction (PostgreSQL, READ COMMITTED), a driver could clear the flag and
-            # read the outcomes between this look and this commit: it would miss the
-            # outcome while this recorder counted on it, and the run would wait for the
-            # sweeper. Now a flag seen set belongs to a turn whose read comes later and
-            # sees the outcome; a flag seen clear is set here and a wake is sent.
-            wake = conn.execute(self._hot.flag_wake_fast, key).first()
+            wake = conn.execute(self._hot.flag_wake, key).first()
             if wake is None:
-                return Recorded(recorded == 1, False)
-            return Recorded(recorded == 1, True, wake.driver_id)
+                return Recorded(recorded, False)
+            return Recorded(recorded, woke(wake), wake.driver_id)
 
     def release_step(
         self,

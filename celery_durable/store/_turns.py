@@ -46,17 +46,23 @@ class TurnWrites(StoreBase):
     """The reads that begin a turn and the one transaction that commits it."""
 
     def begin_turn(self, run_id: str) -> TurnStart | None:
-        """Take the run's pending wake and read the outcomes not yet delivered."""
-        # The flag is cleared (and committed) before the outcomes are read, and
-        # record_outcome commits an outcome before it looks at the flag: so either this
-        # read sees the outcome, or the flag was already clear and the recorder sends a
-        # new wake. Nothing here needs to commit together.
-        with self._each_statement_commits() as conn:
-            row = conn.execute(self._hot.take_wake, {"b_run": run_id}).first()
+        """Read the run and the outcomes not yet delivered (no write, no lock)."""
+        # The run's row first: every outcome counted in the events read is then among
+        # the steps read after (an outcome and its event commit together). A later
+        # outcome may be read too; it is delivered, and only counted as seen by the
+        # next turn.
+        with self._read() as conn:
+            row = conn.execute(self._hot.run, {"b_run": run_id}).first()
             if row is None:
                 return None
             outcomes = conn.execute(self._hot.outcomes, {"b_run": run_id})
             return TurnStart(run_record(row), [step_record(r) for r in outcomes])
+
+    def take_events(self, run_id: str, seen: int) -> bool:
+        """Mark the run's first ``seen`` events as seen by a turn that found nothing to
+        do; returns whether more have come since (then drive it again)."""
+        row = self._each_statement(self._hot.take_events, {"b_run": run_id, "b_seen": seen})
+        return row is not None and (row.events or 0) > seen
 
     def commit_turn(self, run_id: str, write: TurnWrite) -> TurnCommitted | None:
         """Record a driver turn (see :meth:`_commit_turn`).
@@ -106,7 +112,7 @@ class TurnWrites(StoreBase):
             extra["cancel_at"] = at
         key = {"b_run": run_id, "b_turn": turn, "b_next": turn + 1, "b_at": at}
         advance = self._hot.advance.values(**extra) if extra else self._hot.advance
-        fence = {"b_incarnation": write.incarnation, "b_driver": write.driver}
+        fence = {"b_incarnation": write.incarnation, "b_driver": write.driver, "b_seen": write.seen}
         finishing = write.status in FINISHED
         with self._transaction() as conn:
             if finishing:
@@ -147,6 +153,7 @@ class TurnWrites(StoreBase):
             if write.restart is not None:
                 self._restart(conn, run_id, write.restart)
         return TurnCommitted(
+            pending=(row.events or 0) > write.seen,
             signals_matched=signals_matched,
             cancelled=cancelled,
             parent=parent,
