@@ -8,10 +8,29 @@ into what came after.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, and_, case, delete, func, insert, select, update
+from sqlalchemy import (
+    JSON,
+    Connection,
+    Float,
+    Insert,
+    Select,
+    Text,
+    and_,
+    bindparam,
+    case,
+    cast,
+    delete,
+    exists,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DataError, IntegrityError
 
 from ..errors import HistoryWriteError
@@ -114,6 +133,9 @@ class TurnWrites(StoreBase):
         advance = self._hot.advance.values(**extra) if extra else self._hot.advance
         fence = {"b_incarnation": write.incarnation, "b_driver": write.driver, "b_seen": write.seen}
         finishing = write.status in FINISHED
+        params = {**key, **fence, "b_status": write.status}
+        if self.dialect == "postgresql" and _plain(write):
+            return self._commit_plain_turn(run_id, write, extra, params)
         with self._transaction() as conn:
             if finishing:
                 # This commit may complete the parent's step and flag its wake.
@@ -159,6 +181,48 @@ class TurnWrites(StoreBase):
             parent=parent,
             cancelled_children=cancelled_children,
         )
+
+    def _commit_plain_turn(
+        self, run_id: str, write: TurnWrite, extra: dict[str, Any], params: dict[str, Any]
+    ) -> TurnCommitted | None:
+        """The usual turn (steps delivered, steps added, nothing else) as one PostgreSQL
+        statement: one round trip instead of five, the same writes in the same order.
+
+        Each part is conditional on the fenced update of the run's row, which takes the
+        row's lock before any step's (the lock order).
+        """
+        shape = (tuple(sorted(extra)), bool(write.delivered), bool(write.new_steps))
+        statement = _PLAIN_TURNS.get((id(self), shape))
+        if statement is None:
+            statement = self._plain_turn(*shape)
+            _PLAIN_TURNS[(id(self), shape)] = statement
+        params.update({f"x_{name}": value for name, value in extra.items()})
+        if write.delivered:
+            params["b_seqs"] = list(write.delivered)
+        if write.new_steps:
+            rows = [step_row(run_id, write.turn + 1, write.at, n) for n in write.new_steps]
+            params.update(_step_arrays(rows))
+        row = self._each_statement(statement, params)
+        if row is None:
+            return None
+        return TurnCommitted(
+            pending=(row.events or 0) > write.seen, signals_matched=False, cancelled=[], parent=None
+        )
+
+    def _plain_turn(self, extra: tuple[str, ...], delivers: bool, inserts: bool) -> Select[Any]:
+        """The statement of :meth:`_commit_plain_turn` for one shape of turn, built once:
+        building and keying a statement this size costs more than running it."""
+        advance = self._hot.advance
+        if extra:
+            advance = advance.values(**{name: bindparam(f"x_{name}") for name in extra})
+        advanced = advance.cte("advanced")
+        landed = exists(select(advanced.c.events))
+        parts = []
+        if delivers:
+            parts.append(self._hot.deliver.where(landed).cte("delivered"))
+        if inserts:
+            parts.append(_insert_steps(self._now, landed).cte("inserted"))
+        return select(advanced.c.events).add_cte(*parts)
 
     def _cancel_steps(
         self, conn: Connection, run_id: str, seqs: Sequence[int]
@@ -342,3 +406,61 @@ class TurnWrites(StoreBase):
                 wake_sent_at=self._now,
             )
         )
+
+
+#: Statements of plain turns by store and shape (see ``TurnWrites._plain_turn``).
+_PLAIN_TURNS: dict[tuple[int, Any], Select[Any]] = {}
+
+
+def _plain(write: TurnWrite) -> bool:
+    """Whether a turn only delivers and adds steps (no signal waits), unfinished."""
+    return (
+        write.status not in FINISHED
+        and write.result is None
+        and write.error is None
+        and not write.progress
+        and not write.children
+        and not write.cancelled
+        and write.restart is None
+        and not any(n.kind == "signal" for n in write.new_steps)
+    )
+
+
+#: Columns of a new step given as they are; the times are computed in the statement.
+_STEP_COLUMNS = [
+    c for c in s.steps.c if c.name not in ("dispatched_at", "due_at", "completed_at", "stall_from")
+]
+_OFFSETS = {"due_at": "b_due_in", "completed_at": "b_done_in", "stall_from": "b_stall_in"}
+
+
+def _array_type(kind: Any) -> Any:
+    # JSON travels as text and is cast back: an array of JSON has no adapter of its own.
+    return ARRAY(Text() if isinstance(kind, JSON) else kind)
+
+
+def _insert_steps(now: Any, landed: Any) -> Insert:
+    """``HotStatements.insert_steps`` as one INSERT ... SELECT FROM unnest(arrays), one
+    array per column (parameters ``n_<column>``), only if the run's row was advanced
+    (``landed``). Arrays keep the statement's text the same for any number of steps,
+    so it is compiled once and prepared by the server."""
+    arrays = [bindparam(f"n_{c.name}", type_=_array_type(c.type)) for c in _STEP_COLUMNS]
+    arrays += [bindparam(f"n_{name}", type_=ARRAY(Float())) for name in _OFFSETS]
+    names = [c.name for c in _STEP_COLUMNS] + list(_OFFSETS)
+    rows = func.unnest(*arrays).table_valued(*names).render_derived()
+    chosen = [cast(rows.c[c.name], c.type).label(c.name) for c in _STEP_COLUMNS]
+    times = [now.label("dispatched_at")] + [(now + rows.c[name]).label(name) for name in _OFFSETS]
+    columns = [c.name for c in _STEP_COLUMNS] + ["dispatched_at", *_OFFSETS]
+    return insert(s.steps).from_select(columns, select(*chosen, *times).where(landed))
+
+
+def _step_arrays(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The parameters of :func:`_insert_steps` for ``rows`` (of ``step_row``)."""
+    params = {}
+    for c in _STEP_COLUMNS:
+        cells = [row.get(c.name) for row in rows]
+        if isinstance(c.type, JSON):
+            cells = [None if v is None else json.dumps(v) for v in cells]
+        params[f"n_{c.name}"] = cells
+    for name, offset in _OFFSETS.items():
+        params[f"n_{name}"] = [row[offset] for row in rows]
+    return params
