@@ -69,6 +69,9 @@ class RunDriver:
         self.settings = settings_for(app)
         self.codec: Codec = self.settings.codec
         self.store: Store = store_for(app)
+        #: Whether the last turn only took in outcomes (it sent nothing, nor finished):
+        #: a fan-in with steps still coming in.
+        self.absorbed = False
 
     @property
     def _label(self) -> str:
@@ -79,6 +82,12 @@ class RunDriver:
         status: str | None = None
         for _ in range(MAX_TURNS_IN_ONE_TASK):
             status, again = self._turn()
+            if again and self.absorbed:
+                # A fan-in (a gather, a chord) with more outcomes still arriving: one
+                # turn per outcome would spend more than the steps. A wake queued
+                # behind their messages lets them gather and be taken in one turn.
+                self.wake_later(status)
+                return status
             if not again:
                 return status
         # Still more to do: let another task (maybe another worker) carry on.
@@ -86,6 +95,13 @@ class RunDriver:
         if run is not None:
             publish_wake(self.app, self.workflow, self.run_id, run.options)
         return status
+
+    def wake_later(self, status: str | None) -> None:
+        """Have the run driven again by a wake sent through the broker."""
+        if status is None or status in ACTIVE:
+            run = self.store.get_run(self.run_id)
+            if run is not None:
+                publish_wake(self.app, self.workflow, self.run_id, run.options)
 
     def _turn(self) -> tuple[str | None, bool]:
         start = self.store.begin_turn(self.run_id)
@@ -151,6 +167,7 @@ class RunDriver:
             publish_wake(self.app, self.workflow, self.run_id, run.options)
             return None, False
 
+        self.absorbed = not commands and not instance.finished
         if not instance.finished:
             cache.put(self.run_id, instance, self.settings.cache_size, run.incarnation)
         else:

@@ -193,12 +193,19 @@ class LocalTurns:
     def _drive(self, app: Celery, workflow: str, fn: Workflow, run_id: str) -> None:
         try:
             while True:
-                RunDriver(app, workflow, fn, run_id, holder=self._id).drive()
+                driver = RunDriver(app, workflow, fn, run_id, holder=self._id)
+                status = driver.drive()
                 with self._lock:
-                    if not self._driving[run_id]:
+                    again = self._driving[run_id]
+                    if not again or driver.absorbed:
                         del self._driving[run_id]
-                        return
-                    self._driving[run_id] = False
+                    else:
+                        self._driving[run_id] = False
+                if not again:
+                    return
+                if driver.absorbed:
+                    driver.wake_later(status)  # a fan-in: let its outcomes gather
+                    return
         except BaseException:
             with self._lock:
                 self._driving.pop(run_id, None)
@@ -221,11 +228,16 @@ class LocalTurns:
         status = None
         try:
             while True:
-                status = RunDriver(app, workflow, fn, run_id, holder=holder).drive()
+                driver = RunDriver(app, workflow, fn, run_id, holder=holder)
+                status = driver.drive()
                 with self._lock:
-                    if not self._driving[run_id]:
-                        return status
+                    again = self._driving[run_id]
                     self._driving[run_id] = False
+                if not again:
+                    return status
+                if driver.absorbed:
+                    driver.wake_later(status)  # a fan-in: let its outcomes gather
+                    return status
         finally:
             with self._lock:
                 self._driving.pop(run_id, None)
