@@ -3,7 +3,9 @@
 Not a script: ``compare_celery.py``, ``local_steps.py``, ``canvas_vs_celery.py``,
 ``waiting_runs.py`` and ``sweep_cost.py`` import it (``benchmarks/`` is put on
 ``sys.path`` first). It holds their common options, the worker subprocesses of
-``comparison_app``, the CPU meter and the store's cleanup.
+``comparison_app``, the CPU meter, the store's cleanup, the floors every benchmark prints
+beside its numbers (:data:`FLOORS`: one SQL commit, one SQL round trip, one broker round
+trip, one plain Celery task) and a plain-text table.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -264,3 +267,138 @@ def timed(fn: Callable[[], Any], expected: Any, meter: CpuMeter) -> tuple[float,
     if value != expected:
         raise AssertionError(f"got {value!r}, expected {expected!r}")
     return elapsed, spent
+
+
+# -- the floors -----------------------------------------------------------------------------
+
+#: What each floor is, in the order they are printed.
+FLOORS = {
+    "commit": "one SQL commit (BEGIN, UPDATE of one row, COMMIT) on the store's database",
+    "select": "one SQL round trip (SELECT 1) to the store's database",
+    "broker": "one broker round trip (publish a message, consume it)",
+    "task": "one plain Celery task round trip (.delay().get() of a no-op, Redis results)",
+}
+
+FLOOR_TABLE = "bench_commit_floor"
+
+
+def _commit_floor(store: Any, samples: int) -> list[float]:
+    from sqlalchemy import text
+
+    create = f"CREATE TABLE IF NOT EXISTS {FLOOR_TABLE} (id INTEGER PRIMARY KEY, n INTEGER)"
+    with store.engine.begin() as conn:
+        conn.execute(text(create))
+        conn.execute(text(f"INSERT INTO {FLOOR_TABLE} VALUES (1, 0) ON CONFLICT DO NOTHING"))
+    bump = text(f"UPDATE {FLOOR_TABLE} SET n = n + 1 WHERE id = 1")
+    took = []
+    for _ in range(samples):
+        began = time.perf_counter()
+        with store.engine.begin() as conn:  # the store's engine: its pool and SQLite pragmas
+            conn.execute(bump)
+        took.append(time.perf_counter() - began)
+    return took
+
+
+def _select_floor(store: Any, samples: int) -> list[float]:
+    took = []
+    with store.engine.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        if store.dialect == "postgresql":
+            raw.autocommit = True  # the SELECT alone, without BEGIN and COMMIT around it
+        try:
+            cursor = raw.cursor()
+            for _ in range(samples):
+                began = time.perf_counter()
+                cursor.execute("SELECT 1")
+                cursor.fetchall()
+                took.append(time.perf_counter() - began)
+            cursor.close()
+        finally:
+            if store.dialect == "postgresql":
+                raw.autocommit = False
+    return took
+
+
+def _broker_floor(broker_url: str, queue: str, samples: int) -> list[float]:
+    from kombu import Connection
+
+    took = []
+    with Connection(broker_url) as conn:
+        # A queue no worker consumes, so the message comes back to this client.
+        simple = conn.SimpleQueue(f"{queue}.floor", no_ack=True)
+        try:
+            simple.put(0)
+            simple.get(timeout=10)
+            for i in range(samples):
+                began = time.perf_counter()
+                simple.put(i)
+                simple.get(timeout=10)
+                took.append(time.perf_counter() - began)
+        finally:
+            simple.clear()
+            simple.close()
+    return took
+
+
+def _task_floor(task: Any, samples: int, timeout: float) -> list[float]:
+    took = []
+    task.delay(0).get(timeout=timeout)
+    for i in range(samples):
+        began = time.perf_counter()
+        task.delay(i).get(timeout=timeout)
+        took.append(time.perf_counter() - began)
+    return took
+
+
+def measure_floors(
+    store: Any, args: argparse.Namespace, task: Any, samples: int
+) -> dict[str, list[float]]:
+    """Seconds of each of :data:`FLOORS`, ``samples`` times, on the running workers."""
+    return {
+        "commit": _commit_floor(store, samples),
+        "select": _select_floor(store, samples),
+        "broker": _broker_floor(args.broker_url, args.queue, samples),
+        "task": _task_floor(task, max(1, samples // 2), args.timeout),
+    }
+
+
+def merge_floors(into: dict[str, list[float]], more: dict[str, list[float]]) -> None:
+    """Add the samples of ``more`` to ``into``."""
+    for name, values in more.items():
+        into.setdefault(name, []).extend(values)
+
+
+def floor_medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    """The median seconds of each floor."""
+    return {name: statistics.median(values) for name, values in samples.items() if values}
+
+
+# -- printing -------------------------------------------------------------------------------
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> None:
+    """A plain-text table: the first ``left`` columns aligned left, the others right."""
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        return " | ".join(
+            f"{c:<{w}}" if i < left else f"{c:>{w}}"
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    print(line(headers))
+    print("-+-".join("-" * w for w in widths))
+    for row in rows:
+        print(line([str(c) for c in row]))
+
+
+def ms(seconds: float) -> str:
+    """Seconds as milliseconds, for a table cell ("-" when unknown)."""
+    return "-" if seconds != seconds else f"{seconds * 1000:.2f} ms"
+
+
+def ratio(a: float, b: float) -> str:
+    """``a / b`` as ``1.23x`` ("-" when either is unknown)."""
+    if a != a or b != b or not b:
+        return "-"
+    return f"{a / b:.2f}x"
