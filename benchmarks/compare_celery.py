@@ -73,9 +73,12 @@ from harness import (  # noqa: E402 - the sibling modules, importable once on th
     DEFAULT_STORE,
     FLOORS,
     CpuMeter,
+    Sample,
     Workers,
     add_common_options,
     add_pools_option,
+    completion_times,
+    counted,
     ensure_database,
     floor_medians,
     forget_benchmark_runs,
@@ -186,16 +189,6 @@ class Row:
 
 
 @dataclass
-class Sample:
-    """One timed run of one side: wall and CPU seconds, and the counts it caused."""
-
-    wall: float
-    cpu: float
-    workers: Counter[str] = field(default_factory=Counter)
-    client: Counter[str] = field(default_factory=Counter)
-
-
-@dataclass
 class PoolResult:
     """Everything measured on one pool."""
 
@@ -281,25 +274,13 @@ def runners(
 def long_run(bench: Any, store: Any, steps: int, window: int, timeout: float) -> dict[str, Any]:
     """One run of ``steps`` steps; the time per step of each window of ``window`` steps,
     from the steps' ``completed_at`` (the database's clock)."""
-    from sqlalchemy import select
-
-    from celery_durable.store import _schema as s
-
     began = time.perf_counter()
     handle = bench.sequential.delay(steps)
     value = handle.get(timeout=timeout)
     wall = time.perf_counter() - began
     if value != steps:
         raise AssertionError(f"got {value!r}, expected {steps!r}")
-    with store.engine.connect() as conn:
-        done = [
-            row[0]
-            for row in conn.execute(
-                select(s.steps.c.completed_at)
-                .where(s.steps.c.run_id == handle.id, s.steps.c.kind == "activity")
-                .order_by(s.steps.c.seq)
-            )
-        ]
+    done = completion_times(store, handle.id, "activity")
     # Window i is the steps after the first ``i * window`` to complete: the first window
     # starts at the first step's completion, so the start of the run is in none of them.
     windows = [(done[i + window] - done[i]) / window for i in range(0, len(done) - window, window)]
@@ -351,18 +332,14 @@ def measure_pool(args: argparse.Namespace, bench: Any, store: Any, log_dir: Path
                 for side, run in (("durable", durable), ("celery", celery)):
                     if side not in sides:
                         continue
-                    workers_before, client_before = tally.settled()
-                    wall, cpu = timed(run, row.expected, meter)
-                    workers_after, client_after = tally.settled()
-                    sample = Sample(
-                        wall, cpu, workers_after - workers_before, client_after - client_before
-                    )
+                    sample = counted(run, row.expected, meter, tally)
                     result.samples.setdefault(row.key, {}).setdefault(side, []).append(sample)
                     if side == "durable":
                         turns = WorkflowHandle(handles[0].id, app=bench.app).describe()
                         result.turns.setdefault(row.key, []).append(turns["turns"])
                     print(
-                        f"  {args.pool} {row.key} {side}: {wall:.3f} s ({cpu:.2f} s CPU)",
+                        f"  {args.pool} {row.key} {side}: {sample.wall:.3f} s "
+                        f"({sample.cpu:.2f} s CPU)",
                         flush=True,
                     )
         if "long" in args.rows and "durable" in sides:
@@ -402,7 +379,7 @@ def print_pool(result: PoolResult, rows: list[Row], args: argparse.Namespace) ->
     print_table(
         ["durable", "celery", "durable s", "celery s", "ratio", "durable CPU", "celery CPU",
          "ratio", "durable/step", "celery/step", "turns"],
-        table, left=2,
+        table, align="ll",
     )  # fmt: skip
     print(
         f"(median of {args.repeat}; wall seconds, CPU seconds of workers, store, Redis and "
@@ -449,7 +426,7 @@ def print_pool(result: PoolResult, rows: list[Row], args: argparse.Namespace) ->
     print_table(
         ["workload", "side", "SQL/step", "statements", "BEGIN", "COMMIT", "other SQL",
          "msgs/step", "steps", "wakes", "tasks", "client SQL", "client msgs"],
-        table, left=2,
+        table, align="ll",
     )  # fmt: skip
     print(
         f"(SQL/step = statements + BEGIN + COMMIT + other (ROLLBACK, pings, prepares); "
@@ -530,7 +507,7 @@ def print_summary(results: list[PoolResult], args: argparse.Namespace) -> None:
 
         add("SQL round trips per sequential step", "<= 4", counted("sql"))
         add("broker messages per sequential step", "<= 1", counted("messages"))
-    print_table(["workload", "target", *(f"-P {r.pool}" for r in results)], lines, left=2)
+    print_table(["workload", "target", *(f"-P {r.pool}" for r in results)], lines, align="ll")
     print(
         "(also: workflow.step per step in SQL commits: benchmarks/local_steps.py; worker "
         "memory with 10,000 runs waiting: benchmarks/waiting_runs.py)"

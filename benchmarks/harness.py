@@ -19,7 +19,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +134,22 @@ def forget_benchmark_runs(store: Any, workflows: Sequence[str]) -> None:
         conn.execute(delete(s.runs).where(s.runs.c.workflow.in_(list(workflows))))
 
 
+def completion_times(store: Any, run_id: str, kind: str) -> list[float]:
+    """When each step of ``kind`` of a run completed (``completed_at``: the database's
+    clock, UNIX seconds), in step order."""
+    from sqlalchemy import select
+
+    from celery_durable.store import _schema as s
+
+    query = (
+        select(s.steps.c.completed_at)
+        .where(s.steps.c.run_id == run_id, s.steps.c.kind == kind)
+        .order_by(s.steps.c.seq)
+    )
+    with store.engine.connect() as conn:
+        return [row[0] for row in conn.execute(query)]
+
+
 class Workers:
     """``celery worker`` subprocesses of the comparison app, stopped on exit."""
 
@@ -140,7 +158,9 @@ class Workers:
         self.env = env
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.names = [f"bench{i}@{platform.node()}" for i in range(args.workers)]
+        # Named after the queue: benchmarks on other queues of the same broker (the smoke
+        # test, say) have workers of their own names, which must not answer these pings.
+        self.names = [f"{args.queue}-{i}@{platform.node()}" for i in range(args.workers)]
 
     def __enter__(self) -> Workers:
         for name in self.names:
@@ -255,6 +275,25 @@ class CpuMeter:
         """CPU seconds spent since ``before`` (processes started since count in full)."""
         after = self.sample()
         return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+
+@dataclass
+class Sample:
+    """One timed run: wall and CPU seconds, and the counts it caused (``round_trips``)."""
+
+    wall: float
+    cpu: float
+    workers: Counter[str] = field(default_factory=Counter)
+    client: Counter[str] = field(default_factory=Counter)
+
+
+def counted(fn: Callable[[], Any], expected: Any, meter: CpuMeter, tally: Any) -> Sample:
+    """:func:`timed`, and what the workers and this client counted meanwhile
+    (``tally``: a ``round_trips.Tally``)."""
+    workers_before, client_before = tally.settled()
+    wall, cpu = timed(fn, expected, meter)
+    workers_after, client_after = tally.settled()
+    return Sample(wall, cpu, workers_after - workers_before, client_after - client_before)
 
 
 def timed(fn: Callable[[], Any], expected: Any, meter: CpuMeter) -> tuple[float, float]:
@@ -376,15 +415,16 @@ def floor_medians(samples: dict[str, list[float]]) -> dict[str, float]:
 # -- printing -------------------------------------------------------------------------------
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> None:
-    """A plain-text table: the first ``left`` columns aligned left, the others right."""
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str = "l") -> None:
+    """A plain-text table; ``align`` has an ``l`` (left) or ``r`` (right) per column, and
+    the columns past its end are aligned right."""
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
 
     def line(cells: Sequence[str]) -> str:
         return " | ".join(
-            f"{c:<{w}}" if i < left else f"{c:>{w}}"
+            f"{c:<{w}}" if align[i : i + 1] == "l" else f"{c:>{w}}"
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
+        ).rstrip()
 
     print(line(headers))
     print("-+-".join("-" * w for w in widths))
@@ -394,7 +434,9 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int
 
 def ms(seconds: float) -> str:
     """Seconds as milliseconds, for a table cell ("-" when unknown)."""
-    return "-" if seconds != seconds else f"{seconds * 1000:.2f} ms"
+    if seconds != seconds:
+        return "-"
+    return f"{seconds * 1000:.3f} ms" if seconds < 0.001 else f"{seconds * 1000:.2f} ms"
 
 
 def ratio(a: float, b: float) -> str:
