@@ -15,15 +15,13 @@ backend), on the same ``celery worker`` processes:
 Warm-up first, then ``--repeat`` timed runs of each, interleaved; the medians of wall
 time and of CPU time (workers, store, Redis and client together, which a busy machine
 disturbs less) and the ratios durable/celery are printed. The workers and the app are those of
-``compare_celery.py`` (whose helpers this reuses); the queue and the store are this
+``compare_celery.py`` (the helpers are ``harness.py``'s); the queue and the store are this
 script's own, so both can run at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,14 +32,16 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from compare_celery import (  # noqa: E402 - the sibling script, importable once on the path
+from harness import (  # noqa: E402 - the sibling module, importable once on the path
     DEFAULT_STORE,
     CpuMeter,
     Workers,
     add_common_options,
     ensure_database,
     forget_benchmark_runs,
+    setup_line,
     timed,
+    worker_env,
 )
 
 # A queue and a store of its own, so that it can run beside compare_celery.py: their workers
@@ -100,18 +100,9 @@ def shapes(bench: Any, args: argparse.Namespace) -> list[tuple[str, Callable[[],
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    env = dict(
-        os.environ,
-        BENCH_BROKER_URL=args.broker_url,
-        BENCH_RESULT_URL=args.result_url,
-        BENCH_STORE_URL=args.store_url,
-        BENCH_QUEUE=args.queue,
-        PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
-    )
-    os.environ.update({k: env[k] for k in env if k.startswith("BENCH_")})
+    env = worker_env(args)
     ensure_database(args.store_url)
 
-    import celery
     import comparison_app as bench
 
     from celery_durable._config import store_for
@@ -135,13 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         with Workers(args, env, log_dir) as workers:
             workers.wait_ready(app)
-            print(
-                f"workers: {args.workers} x celery worker -P {args.pool} -c {args.concurrency}"
-                f" | broker {args.broker_url} | results {args.result_url} | store "
-                f"{args.store_url} | Python {platform.python_version()}, Celery "
-                f"{celery.__version__}",
-                flush=True,
-            )
+            print(setup_line(args), flush=True)
             meter = CpuMeter(workers, args.store_url)
             for _, make, expected in rows:  # warm-up
                 timed(run_durable(make), expected, meter)
@@ -175,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(
         f"(median of {args.repeat}; ratio = durable / celery, below 1 when durable is faster; "
-        "CPU = seconds of CPU all the processes involved spent, see compare_celery.CpuMeter)"
+        "CPU = seconds of CPU all the processes involved spent, see harness.CpuMeter)"
     )
 
 

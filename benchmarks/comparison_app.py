@@ -13,6 +13,7 @@ imports this module and passes on to the workers:
 | ``BENCH_QUEUE`` | the one queue every message of the benchmark goes to |
 | ``BENCH_PROFILE_DIR`` | if set, each worker process writes its cProfile stats here |
 | ``BENCH_PROFILE_CLOCK`` | ``cpu`` to profile CPU time instead of wall time |
+| ``BENCH_COUNT_DIR`` | if set, each process writes its SQL and message counts here |
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from typing import Any
 
 from celery import Celery, signals
 
-from celery_durable import durable_workflow
+from celery_durable import durable_workflow, workflow
+
+COUNT_DIR = os.environ.get("BENCH_COUNT_DIR") or ""
+if COUNT_DIR:
+    # Before the store's engine exists, so that its first statement is counted too.
+    import round_trips
+
+    round_trips.install(COUNT_DIR)
 
 QUEUE = os.environ.get("BENCH_QUEUE", "durable_bench")
 
@@ -72,6 +80,24 @@ async def fanout(n: int) -> int:
     """``n`` activities at once, then their sum: the durable twin of a ``chord`` of ``n``."""
     values = await asyncio.gather(*(add_one.s(i) for i in range(n)))
     return sum(values)
+
+
+def plus_one(x: int) -> int:
+    """The local steps' work: as cheap as ``add_one``, run inside the driver."""
+    return x + 1
+
+
+@durable_workflow(name="bench.local_steps")
+async def local_steps(n: int) -> int:
+    """``n`` local steps (``workflow.step``) one after another, no task at all."""
+    x = 0
+    for _ in range(n):
+        x = await workflow.step(plus_one, x)
+    return x
+
+
+#: The workflows whose rows the benchmarks delete before they run.
+WORKFLOWS = [sequential.name, fanout.name, local_steps.name]
 
 
 _profiler: list[cProfile.Profile] = []

@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from compare_celery import ensure_database  # noqa: E402 - sibling script
+from harness import ensure_database  # noqa: E402 - sibling module
 
 DEFAULT_STORE = "postgresql+psycopg://postgres@127.0.0.1:5432/durable_sweep_bench"
 KNOWN = ["bench.sleeper", "bench.waiter", "bench.finished"]

@@ -52,7 +52,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from compare_celery import ensure_database, forget_benchmark_runs  # noqa: E402 - sibling script
+from harness import ensure_database, forget_benchmark_runs  # noqa: E402 - sibling module
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/14"
 DEFAULT_RESULT = "redis://127.0.0.1:6379/15"
