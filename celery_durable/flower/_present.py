@@ -18,6 +18,7 @@ __all__ = [
     "PAGE_LIMIT",
     "STATUSES",
     "act",
+    "is_run",
     "run_detail",
     "run_page",
     "run_summary",
@@ -44,6 +45,11 @@ def _iso(ts: float | datetime | None) -> str | None:
     if isinstance(ts, datetime):
         return ts.isoformat()
     return datetime.fromtimestamp(ts).astimezone().isoformat()
+
+
+def is_run(app: Celery, run_id: str) -> bool:
+    """Whether the store has a run with this id (one primary-key read)."""
+    return store_for(app).get_status(run_id) is not None
 
 
 def run_summary(run: RunRecord) -> dict[str, Any]:
