@@ -28,7 +28,7 @@ from tornado.ioloop import IOLoop
 
 from ..errors import DurableError, StoreUnavailableError, WorkflowNotFoundError
 from ._metrics import metrics_for
-from ._present import ACTIONS, STATUSES, act, is_run, run_detail, run_page, short
+from ._present import ACTIONS, STATUSES, act, is_run, run_detail, run_page, short, timeline
 
 __all__ = [
     "MetricsView",
@@ -168,6 +168,7 @@ class RunView(_Page):
             failed=failed,
             read_only=_read_only(self),
             when=_when,
+            timeline=timeline,
         )
 
 
