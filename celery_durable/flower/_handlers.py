@@ -275,6 +275,11 @@ class RunActionApi(_Api):
     @web.authenticated
     async def post(self, run_id: str, action: str) -> None:
         _refuse_cross_site(self)
+        session = self.application.options.auth and not self.request.headers.get("Authorization")
+        if session and not self.settings.get("xsrf_cookies"):
+            # Flower 2.1+ wants the XSRF token from an OAuth cookie session (a client with
+            # a token of its own needs none); Flower 2.0 checks nothing, this API does.
+            tornado.web.RequestHandler.check_xsrf_cookie(self)
         if _read_only(self):
             raise web.HTTPError(403, "Read only mode is enabled")
         try:
