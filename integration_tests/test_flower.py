@@ -423,6 +423,10 @@ def test_basic_auth_url_prefix_and_read_only(cluster: Cluster, tmp_path: Path) -
         assert f'href="/flower{run_path(run.id)}"' in listing
         page = server.page(run_path(run.id))
         assert "PENDING" in page
+        redirect = server.request("GET", f"/task/{run.id}", follow=False)
+        assert redirect == (302, f"/flower{run_path(run.id)}")
+        status, metrics = server.request("GET", "/metrics", auth=None)
+        assert status == 200 and "celery_durable_runs{" in metrics
         if read_only:
             assert 'id="durable-actions"' not in page
             status, body = server.request("POST", f"/api/durable/runs/{run.id}/cancel", b"{}")

@@ -7,6 +7,10 @@ what ``celery -A proj durable flower`` calls; an existing ``celery flower`` depl
 calls it from ``flowerconfig.py``, which Flower executes before starting::
 
     import celery_durable.flower; celery_durable.flower.install()
+
+Two of Flower's own routes get a handler in front of them that defers to Flower's:
+``/task/<id>`` sends a run's id (the Celery ``root_id`` of the run's messages) to the
+run's page, and ``/metrics`` adds the workflow series of ``_metrics``.
 """
 
 from __future__ import annotations
