@@ -94,7 +94,7 @@ def take(out: Path, workdir: Path) -> list[Path]:
         with (workdir / f"{name}.log").open("wb") as log:
             processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
     try:
-        until(lambda: app.control.ping(timeout=0.5), f"no worker answered; see {workdir}")
+        until(lambda: app.control.ping(timeout=0.5), "no worker answered")
         handles = [
             checkout.apply_async((f"o-{n}", cents, skus), workflow_id=f"order-{n}")
             for n, cents, skus in ORDERS
@@ -105,9 +105,15 @@ def take(out: Path, workdir: Path) -> list[Path]:
             ended = all(h.status in ("SUCCESS", "FAILURE") for h in handles if h is not waiting)
             return ended and "waiting" in waiting.describe()["status_values"].get("stage", "")
 
-        until(ready, f"the orders did not run; see {workdir}")
+        until(ready, "the orders did not run")
         waiting.signal("gift-note", {"text": "Happy birthday!"})  # no wait takes it: buffered
         return screenshots(f"http://127.0.0.1:{port}", out)
+    except BaseException:
+        for name in commands:  # the scratch directory goes away with the error
+            print(
+                f"--- {name}.log:\n{(workdir / f'{name}.log').read_text()[-3000:]}", file=sys.stderr
+            )
+        raise
     finally:
         for process in processes:
             process.terminate()
