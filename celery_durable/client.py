@@ -49,6 +49,11 @@ class StepInfo:
     child_id: str | None = None
     #: When a timer fires; None for other kinds of step.
     due_at: datetime | None = None
+    #: The worker that took the step last (its id in the store: node name, pid, a
+    #: random part); None if none has.
+    worker: str | None = None
+    #: How many times the step was lost with its worker and sent again.
+    losses: int = 0
 
 
 def bound_app(app: Celery | None) -> Celery:
@@ -255,6 +260,8 @@ class WorkflowHandle(Generic[R]):
                     completed_at=_dt(record.completed_at),
                     child_id=record.child_id,
                     due_at=_dt(record.due_at),
+                    worker=record.claimed_by,
+                    losses=record.losses,
                 )
             )
         return steps

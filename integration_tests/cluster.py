@@ -108,10 +108,12 @@ class Cluster:
         pool: str | None = None,
         include: Sequence[str] = (),
         nodename: str | None = None,
+        args: Sequence[str] = (),
     ) -> WorkerProcess:
         """A worker node on this test's queue (started unless ``start=False``); ``env``
         adds settings (see ``wfapp``) for this worker only. Its node name is built from
-        ``name`` unless ``nodename`` gives it (replicas started with one ``-n``)."""
+        ``name`` unless ``nodename`` gives it (replicas started with one ``-n``); ``args``
+        are more ``celery worker`` options (``-E``)."""
         worker = WorkerProcess(
             nodename or f"{name}-{self.queue}@localhost",
             {**self.env, **(env or {})},
@@ -121,6 +123,7 @@ class Cluster:
             queues=queues or [self.queue],
             include=include,
             label=name,
+            args=args,
         )
         self.workers.append(worker)
         return worker.start() if start else worker

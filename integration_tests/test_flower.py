@@ -3,7 +3,9 @@
 Each test starts Flower with ``celery -A integration_tests.wfapp durable flower`` on a
 free port against the test's broker and store, runs workflows on a worker, and checks
 the pages and the JSON API over HTTP: lists, filters and paging, the run page, every
-action's effect in the store, Flower's basic auth, ``--url_prefix``, 404s and escaping.
+action's effect in the store, Flower's basic auth and OAuth sessions, ``--url_prefix``,
+404s and escaping; Flower's own task list and ``/metrics`` for runs of a worker started
+with ``-E``; and the script that makes the README's screenshots.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tornado.web
 
 from . import wfapp
 from .cluster import Cluster
+from .services import REDIS_URL, require
 from .worker_process import REPO_ROOT
 
 pytestmark = pytest.mark.integration
@@ -41,6 +45,11 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
 
 class Flower:
@@ -75,6 +84,9 @@ class Flower:
         )
         self.cookies = http.cookiejar.CookieJar()
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.cookies))
+        self.staying = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(self.cookies), _NoRedirect
+        )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -95,8 +107,10 @@ class Flower:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
         auth: str | None = "default",
+        follow: bool = True,
     ) -> tuple[int, str]:
-        """``(status, body text)``; error statuses are returned, not raised."""
+        """``(status, body text)``; error statuses are returned, not raised. Without
+        ``follow``, a redirect is answered with its status and ``Location`` as the text."""
         request = urllib.request.Request(self.base + path, data=body, method=method)
         credentials = self.auth if auth == "default" else auth
         if credentials:
@@ -105,10 +119,35 @@ class Flower:
         for name, value in (headers or {}).items():
             request.add_header(name, value)
         try:
-            with self.opener.open(request, timeout=30) as response:
+            with (self.opener if follow else self.staying).open(request, timeout=30) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
+            if not follow and 300 <= exc.code < 400:
+                return exc.code, exc.headers.get("Location", "")
             return exc.code, exc.read().decode()
+
+    def log_in(self, email: str, cookie_secret: str) -> None:
+        """Hold the session cookie Flower's OAuth login sets after the provider said yes."""
+        value = tornado.web.create_signed_value(cookie_secret, "user", email).decode()
+        cookie = http.cookiejar.Cookie(
+            version=0,
+            name="user",
+            value=value,
+            port=None,
+            port_specified=False,
+            domain="127.0.0.1",
+            domain_specified=False,
+            domain_initial_dot=False,
+            path="/",
+            path_specified=True,
+            secure=False,
+            expires=None,
+            discard=True,
+            comment=None,
+            comment_url=None,
+            rest={},
+        )
+        self.cookies.set_cookie(cookie)
 
     def page(self, path: str) -> str:
         status, text = self.request("GET", path)
@@ -229,6 +268,72 @@ def test_the_workflows_tab_lists_filters_pages_and_shows_each_run(
     assert status == 404 and "no workflow run" in missing["error"]
 
 
+def _flower_tasks(flower: Flower, run_id: str) -> dict[str, dict[str, Any]]:
+    """The tasks Flower's events show for ``run_id`` (its root), by task id."""
+    status, text = flower.request("GET", "/api/tasks?limit=1000")
+    assert status == 200, text
+    return {k: v for k, v in json.loads(text).items() if v.get("root_id") == run_id}
+
+
+def test_flowers_own_task_list_and_metrics_know_the_runs(cluster: Cluster, flower: Flower) -> None:
+    cluster.worker(args=["-E"])  # task events, which Flower's task list is made of
+    run = wfapp.sequential.apply_async((2,), app=cluster.client, workflow_id="order-o-1")
+    parent = wfapp.family.apply_async((1,), app=cluster.client, workflow_id="family-f-1")
+    assert run.get(timeout=90) == wfapp.step_value(0) + wfapp.step_value(1)
+    wait_status(cluster, parent.id, "RUNNING")
+    steps = {s.dispatch_id for s in cluster.store.history(run.id) if s.kind == "activity"}
+
+    deadline = time.monotonic() + 30
+    while not steps <= set(tasks := _flower_tasks(flower, run.id)):
+        assert time.monotonic() < deadline, (steps, tasks)
+        time.sleep(0.3)
+    wakes = {k: v for k, v in tasks.items() if k not in steps}
+    assert wakes, tasks  # the driver tasks: the start's wake and one per outcome
+    for task_id, task in tasks.items():
+        assert task["parent_id"] == run.id, task
+        if task_id in steps:
+            assert task["name"] == wfapp.record.name and task["args"].startswith("(")
+        else:
+            assert task["name"] == wfapp.sequential.name and task["args"] == "run=order-o-1"
+
+    # Flower's own search finds the driver tasks by the run's id (and only them: a wake's
+    # events may still be arriving, so found is read after the search).
+    query = {"draw": 1, "start": 0, "length": 100, "search[value]": "run=order-o-1"}
+    query.update({"order[0][column]": 0, "order[0][dir]": "asc", "columns[0][data]": "name"})
+    status, text = flower.request("GET", "/tasks/datatable?" + urllib.parse.urlencode(query))
+    found = {t["uuid"] for t in json.loads(text)["data"]}
+    assert status == 200 and set(wakes) <= found
+    tasks = _flower_tasks(flower, run.id)
+    assert all(tasks[t]["name"] == wfapp.sequential.name for t in found), (found, tasks)
+
+    # A step's task page links to its run as root and parent; following them opens the run.
+    step_page = flower.page(f"/task/{next(iter(steps))}")
+    assert step_page.count('href="/task/order-o-1"') == 2
+    redirect = flower.request("GET", "/task/order-o-1", follow=False)
+    assert redirect == (302, "/workflows/order-o-1")
+    assert '<h2 id="run-id">order-o-1</h2>' in flower.page("/task/order-o-1")
+    child = next(s.child_id for s in cluster.store.history(parent.id) if s.child_id)
+    assert f'<h2 id="run-id">{child}</h2>' in flower.page(f"/task/{child}")
+    status, text = flower.request("GET", f"/task/{next(iter(wakes))}")
+    assert status == 200 and "run=order-o-1" in text  # any other id: Flower's own page
+
+    # The family's three runs wait for their signal (the census caches: ask once, then).
+    deadline = time.monotonic() + 60
+    while cluster.store.census().open_steps.get(("signal", "SCHEDULED")) != 3:
+        assert time.monotonic() < deadline, cluster.store.census()
+        time.sleep(0.2)
+    status, metrics = flower.request("GET", "/metrics", auth=None)  # open, as Flower's
+    assert status == 200 and "flower_events_total" in metrics
+    sequential = f'status="SUCCESS",workflow="{wfapp.sequential.name}"'
+    assert f"celery_durable_runs{{{sequential}}} 1.0" in metrics
+    running = f'status="RUNNING",workflow="{wfapp.family.name}"'
+    assert f"celery_durable_runs{{{running}}} 3.0" in metrics  # the parent, two children
+    assert 'celery_durable_steps_open{kind="signal",state="SCHEDULED"} 3.0' in metrics
+    assert "celery_durable_runs_stuck 0.0" in metrics
+    assert "celery_durable_metrics_errors_total 0.0" in metrics
+    assert "order-o-1" not in metrics and "family-f-1" not in metrics
+
+
 def test_actions_from_the_page_and_the_api_act_on_the_store(
     cluster: Cluster, flower: Flower
 ) -> None:
@@ -327,6 +432,10 @@ def test_basic_auth_url_prefix_and_read_only(cluster: Cluster, tmp_path: Path) -
         assert f'href="/flower{run_path(run.id)}"' in listing
         page = server.page(run_path(run.id))
         assert "PENDING" in page
+        redirect = server.request("GET", f"/task/{run.id}", follow=False)
+        assert redirect == (302, f"/flower{run_path(run.id)}")
+        status, metrics = server.request("GET", "/metrics", auth=None)
+        assert status == 200 and "celery_durable_runs{" in metrics
         if read_only:
             assert 'id="durable-actions"' not in page
             status, body = server.request("POST", f"/api/durable/runs/{run.id}/cancel", b"{}")
@@ -378,6 +487,62 @@ def test_a_store_that_cannot_be_reached_is_an_error_on_the_page(
         status, body = server.api("GET", "/runs")
         assert status == 503 and body["error"]
         assert ">Workers</" in server.page("/workers")  # Flower itself carries on
+        status, metrics = server.request("GET", "/metrics")
+        assert status == 200 and "flower_events_total" in metrics
+        assert "celery_durable_metrics_errors_total 1.0" in metrics
+        assert "celery_durable_runs" not in metrics and "s3cret" not in metrics
+    finally:
+        server.close()
+
+
+def test_with_oauth_the_tab_needs_a_session_as_flowers_own_pages_do(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Flower's GitHub login cannot reach GitHub here. Without a session, each page and
+    API call of the tab gets the refusal Flower's own counterpart gets; with the session
+    cookie Flower's login sets, the tab works, and its posts need the XSRF token."""
+    run = wfapp.sequential.apply_async((1,), app=cluster.client)  # stays PENDING: no worker
+    secret = "a-cookie-secret-for-the-test"
+    server = Flower(
+        cluster,
+        tmp_path / "flower-oauth.log",
+        "--auth=ann@example.com",
+        "--auth_provider=flower.views.auth.GithubLoginHandler",
+        "--oauth2_key=key",
+        "--oauth2_secret=secret",
+        "--oauth2_redirect_uri=http://127.0.0.1/login",
+        f"--cookie_secret={secret}",
+    )
+    server.auth = None
+    try:
+        # (ours, Flower's own of the same kind)
+        pairs = [
+            (("GET", "/workflows"), ("GET", "/workers")),
+            (("GET", run_path(run.id)), ("GET", "/worker/w1")),
+            (("GET", f"/task/{run.id}"), ("GET", "/task/t-1")),
+            (("GET", "/api/durable/runs"), ("GET", "/api/workers")),
+            (("GET", f"/api/durable/runs/{run.id}"), ("GET", "/api/task/info/t-1")),
+            (("POST", f"/api/durable/runs/{run.id}/cancel"), ("POST", "/api/task/revoke/t-1")),
+            (("POST", f"{run_path(run.id)}/cancel"), ("POST", "/api/worker/shutdown/w1")),
+        ]
+        for (method, ours), (flowers_method, flowers) in pairs:
+            body = b"{}" if method == "POST" else None
+            status, where = server.request(method, ours, body, follow=False)
+            expected, _ = server.request(flowers_method, flowers, body, follow=False)
+            assert status == expected and status in (302, 403), (ours, status, expected)
+            if status == 302:
+                assert where.startswith("/login?next="), where
+        assert cluster.store.require_run(run.id).cancel_requested is False
+
+        server.log_in("ann@example.com", secret)
+        assert f'href="{run_path(run.id)}"' in server.page("/workflows")
+        status, body = server.api("GET", f"/runs/{run.id}")
+        assert status == 200 and body["status"] == "PENDING"
+        status, _ = server.request("POST", f"/api/durable/runs/{run.id}/cancel", b"{}")
+        assert status == 403  # a cookie session posts only with the XSRF token
+        status, text = server.submit(run.id, "cancel")  # the page's form carries it
+        assert status == 200 and "cancellation requested" in text
+        assert cluster.store.require_run(run.id).cancel_requested is True
     finally:
         server.close()
 
@@ -385,12 +550,16 @@ def test_a_store_that_cannot_be_reached_is_an_error_on_the_page(
 CHROMIUM = "/usr/bin/chromium"
 
 
-def test_the_pages_in_a_browser(cluster: Cluster, flower: Flower, tmp_path: Path) -> None:
-    """Debian's chromium, driven by Playwright: the tab, a run, the Signal button."""
+def _need_chromium() -> None:
     if not os.path.exists(CHROMIUM):
         if os.environ.get("CI"):
             raise AssertionError(f"{CHROMIUM} is missing (.ci/run installs it)")
         pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
+
+
+def test_the_pages_in_a_browser(cluster: Cluster, flower: Flower, tmp_path: Path) -> None:
+    """Debian's chromium, driven by Playwright: the tab, a run, the Signal button."""
+    _need_chromium()
     from playwright.sync_api import sync_playwright
 
     cluster.worker()
@@ -420,3 +589,25 @@ def test_the_pages_in_a_browser(cluster: Cluster, flower: Flower, tmp_path: Path
         finally:
             browser.close()
     assert waiting.get(timeout=90) == "not cancelled"
+
+
+def test_the_readme_screenshots_script(tmp_path: Path) -> None:
+    """``examples/flower_screenshots.py`` makes the README's images: here it runs whole."""
+    _need_chromium()
+    require("redis")
+    env = {**os.environ, "SHOTS_BROKER": REDIS_URL, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "examples.flower_screenshots", str(tmp_path)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    readme = (REPO_ROOT / "README.md").read_text()
+    for name in ("flower_workflows.png", "flower_run.png"):
+        image = (tmp_path / name).read_bytes()
+        assert image.startswith(b"\x89PNG\r\n\x1a\n") and len(image) > 20_000
+        assert int.from_bytes(image[16:20], "big") == 1400  # the page's width
+        assert (REPO_ROOT / "examples" / name).is_file() and f"examples/{name}" in readme

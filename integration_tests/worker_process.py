@@ -50,9 +50,11 @@ class WorkerProcess:
         queues: Sequence[str],
         include: Sequence[str] = (),
         label: str | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         """``label`` names the worker's log files (default: the node name's first part;
-        two workers sharing a node name need labels of their own)."""
+        two workers sharing a node name need labels of their own); ``args`` are more
+        ``celery worker`` options (``-E``)."""
         self.nodename = nodename
         self.label = label or nodename.split("@")[0]
         self.env = dict(env)
@@ -61,6 +63,7 @@ class WorkerProcess:
         self.concurrency = concurrency
         self.queues = list(queues)
         self.include = list(include)
+        self.args = list(args)
         self.logs: list[Path] = []
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -94,6 +97,7 @@ class WorkerProcess:
         ]
         if self.include:
             command += ["--include", ",".join(self.include)]
+        command += self.args
         if self.pool == "prefork":
             # Hand a task to a child only when it is idle, so a child blocked on purpose
             # never sits on other tasks.

@@ -7,6 +7,10 @@ what ``celery -A proj durable flower`` calls; an existing ``celery flower`` depl
 calls it from ``flowerconfig.py``, which Flower executes before starting::
 
     import celery_durable.flower; celery_durable.flower.install()
+
+Two of Flower's own routes get a handler in front of them that defers to Flower's:
+``/task/<id>`` sends a run's id (the Celery ``root_id`` of the run's messages) to the
+run's page, and ``/metrics`` adds the workflow series of ``_metrics``.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from tornado.web import url
 
 from ._handlers import (
     ACTION_PATTERN,
+    MetricsView,
     RunActionApi,
     RunActionView,
     RunApi,
     RunListApi,
     RunsView,
     RunView,
+    TaskOrRunView,
 )
 
 __all__ = ["handlers", "install"]
@@ -72,12 +78,30 @@ def handlers() -> list[Any]:
     ]
 
 
+#: Routes of Flower's that ours take the place of (ours come first and defer to Flower's).
+_IN_PLACE_OF = {r"/task/(.+)": TaskOrRunView, r"/metrics": MetricsView}
+
+
+def _pattern(route: Any) -> str:
+    # A URLSpec anchors its pattern with "$"; a plain tuple keeps it as written.
+    pattern = route.regex.pattern if hasattr(route, "regex") else route[0]
+    return str(pattern).removesuffix("$")
+
+
 def install() -> None:
-    """Add the Workflows tab to the Flower application about to be created; idempotent."""
+    """Add the Workflows tab to the Flower application about to be created; idempotent.
+
+    Also puts ``/task/<run id>`` (to the run's page) and ``/metrics`` (with workflow
+    series) in front of Flower's own routes of those paths, when Flower has them.
+    """
     if any(getattr(h, "name", None) == "durable-workflows" for h in urls.handlers):
         return
     # Before Flower's catch-all 404 route, which is last.
     at = len(urls.handlers) - 1 if urls.handlers else 0
     urls.handlers[at:at] = handlers()
+    for pattern, handler in _IN_PLACE_OF.items():
+        flowers = [i for i, route in enumerate(urls.handlers) if _pattern(route) == pattern]
+        if flowers:
+            urls.handlers.insert(flowers[0], (pattern, handler))
     loader: BaseLoader = DurableLoader(os.fspath(urls.settings["template_path"]))
     urls.settings["template_loader"] = loader

@@ -2,12 +2,17 @@
 
 They subclass Flower's own ``BaseHandler`` / ``BaseApiHandler``, so Flower's
 authentication (``--basic_auth``, ``--auth``), its cross-site checks and its
-``--url_prefix`` apply to them as to Flower's pages.
+``--url_prefix`` apply to them as to Flower's pages. Two of them take the place of
+Flower's own routes and defer to Flower's handlers: ``/task/<id>`` (a run id opens the
+run's page) and ``/metrics`` (with the workflow series).
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
+import logging
 from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
@@ -16,15 +21,32 @@ from urllib.parse import urlparse
 import tornado.web
 from flower.api import BaseApiHandler
 from flower.views import BaseHandler
+from flower.views.monitor import Metrics
+from flower.views.tasks import TaskView
 from tornado import web
 from tornado.ioloop import IOLoop
 
 from ..errors import DurableError, StoreUnavailableError, WorkflowNotFoundError
-from ._present import ACTIONS, STATUSES, act, run_detail, run_page, short
+from ._metrics import metrics_for
+from ._present import ACTIONS, STATUSES, act, is_run, run_detail, run_page, short, timeline
 
-__all__ = ["RunActionApi", "RunActionView", "RunApi", "RunListApi", "RunView", "RunsView"]
+__all__ = [
+    "MetricsView",
+    "RunActionApi",
+    "RunActionView",
+    "RunApi",
+    "RunListApi",
+    "RunView",
+    "RunsView",
+    "TaskOrRunView",
+]
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+#: Seconds ``/task/<id>`` waits for the store to say whether the id is a run's.
+RUN_LOOKUP_LIMIT = 2.0
 
 
 def _read_only(handler: tornado.web.RequestHandler) -> bool:
@@ -54,6 +76,12 @@ def _refuse_cross_site(handler: tornado.web.RequestHandler) -> None:
 async def _blocking(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a store call off the IO loop: Flower keeps serving meanwhile."""
     return await IOLoop.current().run_in_executor(None, partial(call, *args, **kwargs))
+
+
+async def _flowers_own(shown: Any) -> None:
+    """Finish a call of Flower's own handler method, sync or async by version."""
+    if inspect.isawaitable(shown):
+        await shown
 
 
 def _int(handler: tornado.web.RequestHandler, name: str, default: int) -> int:
@@ -140,6 +168,7 @@ class RunView(_Page):
             failed=failed,
             read_only=_read_only(self),
             when=_when,
+            timeline=timeline,
         )
 
 
@@ -169,6 +198,39 @@ class RunActionView(RunView):
             message, failed = str(exc), True
             self.set_status(404 if isinstance(exc, WorkflowNotFoundError) else 409)
         await self.show(run_id, message, failed)
+
+
+class TaskOrRunView(TaskView):  # type: ignore[misc]
+    """Flower's ``/task/<id>``, except that the id of a run redirects to the run's page.
+
+    A run's id is the Celery ``root_id`` and ``parent_id`` of its messages, so Flower's
+    root and parent links lead here. Any other id, and any id while the store does not
+    answer within :data:`RUN_LOOKUP_LIMIT`, gets Flower's own task page.
+    """
+
+    @web.authenticated
+    async def get(self, task_id: str) -> None:
+        try:
+            run = await asyncio.wait_for(
+                _blocking(is_run, self.application.capp, task_id), RUN_LOOKUP_LIMIT
+            )
+        except Exception as exc:
+            logger.debug("/task/%s: the store did not say if it is a run: %s", task_id, exc)
+            run = False
+        if run:
+            self.redirect(self.reverse_url("durable-run", task_id))
+            return
+        await _flowers_own(TaskView.get(self, task_id))
+
+
+class MetricsView(Metrics):  # type: ignore[misc]
+    """Flower's ``/metrics`` with the workflow series (see ``_metrics``); like Flower's
+    own, it needs no login."""
+
+    async def get(self) -> None:
+        # Off the IO loop: the refresh may wait (briefly) for the store.
+        await _blocking(metrics_for(self.application.capp).refresh)
+        await _flowers_own(Metrics.get(self))
 
 
 class _Api(BaseApiHandler):  # type: ignore[misc]
@@ -213,6 +275,11 @@ class RunActionApi(_Api):
     @web.authenticated
     async def post(self, run_id: str, action: str) -> None:
         _refuse_cross_site(self)
+        session = self.application.options.auth and not self.request.headers.get("Authorization")
+        if session and not self.settings.get("xsrf_cookies"):
+            # Flower 2.1+ wants the XSRF token from an OAuth cookie session (a client with
+            # a token of its own needs none); Flower 2.0 checks nothing, this API does.
+            tornado.web.RequestHandler.check_xsrf_cookie(self)
         if _read_only(self):
             raise web.HTTPError(403, "Read only mode is enabled")
         try:

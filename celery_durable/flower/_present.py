@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime
 from typing import Any
 
 from celery import Celery
 
 from .._config import settings_for, store_for
-from ..client import WorkflowHandle
+from ..client import StepInfo, WorkflowHandle
 from ..errors import DurableError
-from ..store import RunRecord
+from ..store import RunRecord, SignalRecord
 
 __all__ = [
     "ACTIONS",
     "PAGE_LIMIT",
     "STATUSES",
     "act",
+    "is_run",
     "run_detail",
     "run_page",
     "run_summary",
     "short",
+    "timeline",
 ]
 
 #: Statuses shown as filters even when no run has them yet.
@@ -30,6 +33,10 @@ STATUSES = ("PENDING", "RUNNING", "SUCCESS", "FAILURE", "CANCELLED", "TERMINATED
 ACTIONS = ("signal", "cancel", "terminate", "retry")
 #: The most runs one page (or one API call) returns: a page never loads everything.
 PAGE_LIMIT = 500
+#: The most buffered signals a run page lists.
+SIGNALS_SHOWN = 100
+#: The narrowest bar of the timeline (percent of the run's span), so instants show.
+MIN_BAR = 0.5
 
 
 def short(value: Any, width: int = 120) -> str:
@@ -42,8 +49,14 @@ def _iso(ts: float | datetime | None) -> str | None:
     if ts is None:
         return None
     if isinstance(ts, datetime):
-        return ts.isoformat()
+        # In the server's zone, as the floats below: the pages show both side by side.
+        return ts.astimezone().isoformat()
     return datetime.fromtimestamp(ts).astimezone().isoformat()
+
+
+def is_run(app: Celery, run_id: str) -> bool:
+    """Whether the store has a run with this id (one primary-key read)."""
+    return store_for(app).get_status(run_id) is not None
 
 
 def run_summary(run: RunRecord) -> dict[str, Any]:
@@ -96,7 +109,8 @@ def run_detail(app: Celery, run_id: str) -> dict[str, Any]:
     Raises:
         WorkflowNotFoundError: no run with this id.
     """
-    run = store_for(app).require_run(run_id)
+    store = store_for(app)
+    run = store.require_run(run_id)
     handle: WorkflowHandle[Any] = WorkflowHandle(run_id, app=app)
     detail = run_summary(run)
     try:
@@ -116,27 +130,82 @@ def run_detail(app: Celery, run_id: str) -> dict[str, Any]:
     detail["error"] = run.error
     detail["cancel_requested"] = run.cancel_requested
     detail["status_values"] = dict(run.progress or {})
-    detail["steps"] = [
-        {
-            "seq": step.seq,
-            "kind": step.kind,
-            "name": step.name,
-            "state": step.state,
-            "args": step.args,
-            "kwargs": step.kwargs,
-            "result": step.result,
-            "error": step.error,
-            "attempts": step.attempts,
-            "task_id": step.task_id,
-            "scheduled_at": _iso(step.scheduled_at),
-            "completed_at": _iso(step.completed_at),
-            "due_at": _iso(step.due_at),
-            "child_id": step.child_id,
-        }
-        for step in handle.history
+    detail["incarnation"] = run.incarnation
+    detail["attempt"] = run.attempt
+    detail["steps"] = [_step(step) for step in handle.history]
+    open_steps = [s for s in detail["steps"] if s["state"] == "SCHEDULED"]
+    detail["open_timers"] = [s for s in open_steps if s["kind"] == "timer"]
+    detail["open_waits"] = [s for s in open_steps if s["kind"] == "signal"]
+    detail["buffered_signals"] = [
+        _signal(app, run, signal) for signal in store.buffered_signals(run_id, SIGNALS_SHOWN)
     ]
     detail["children"] = [s["child_id"] for s in detail["steps"] if s["child_id"]]
     return detail
+
+
+def _step(step: StepInfo) -> dict[str, Any]:
+    return {
+        "seq": step.seq,
+        "kind": step.kind,
+        "name": step.name,
+        "state": step.state,
+        "args": step.args,
+        "kwargs": step.kwargs,
+        "result": step.result,
+        "error": step.error,
+        "attempts": step.attempts,
+        "task_id": step.task_id,
+        "scheduled_at": _iso(step.scheduled_at),
+        "completed_at": _iso(step.completed_at),
+        "due_at": _iso(step.due_at),
+        "child_id": step.child_id,
+        "worker": step.worker,
+        # A worker's id is "<node name>:<pid>:<random part>"; Flower knows the node.
+        "worker_node": step.worker.rsplit(":", 2)[0] if step.worker else None,
+        "losses": step.losses,
+    }
+
+
+def _signal(app: Celery, run: RunRecord, signal: SignalRecord) -> dict[str, Any]:
+    what = f"signal {signal.name!r} to workflow {run.workflow}[{run.id}]"
+    try:
+        payload = settings_for(app).codec.loads(signal.content_type, signal.payload, what)
+    except DurableError as exc:
+        payload = {"unreadable": str(exc)}
+    return {"name": signal.name, "sent_at": _iso(signal.created_at), "payload": payload}
+
+
+def _seconds(iso: str | None) -> float | None:
+    return None if iso is None else datetime.fromisoformat(iso).timestamp()
+
+
+def timeline(run: dict[str, Any], now: float | None = None) -> list[dict[str, float]]:
+    """Where each step's bar sits in the run's span, as ``left`` and ``width`` percents,
+    and how many ``seconds`` it lasts (so far).
+
+    ``run`` is what :func:`run_detail` returns. A step's bar goes from when its message
+    was sent (or it was scheduled) to when it finished, an open step's to ``now``. The
+    span is the run's, from its creation to its end (now for a run still going), widened
+    to take in every step; the narrowest bar is :data:`MIN_BAR` wide so instants show.
+    """
+    now = time.time() if now is None else now
+    start = _seconds(run["created_at"]) or now
+    end = _seconds(run["finished_at"]) or now
+    spans = []
+    for step in run["steps"]:
+        began = _seconds(step["scheduled_at"]) or start
+        done = _seconds(step["completed_at"]) or now
+        spans.append((began, max(began, done)))
+    low = min([start, *(b for b, _ in spans)])
+    width = max(max([end, *(d for _, d in spans)]) - low, 1e-6)
+    return [
+        {
+            "left": round(min(100.0 * (began - low) / width, 100.0 - MIN_BAR), 2),
+            "width": round(max(MIN_BAR, 100.0 * (done - began) / width), 2),
+            "seconds": done - began,
+        }
+        for began, done in spans
+    ]
 
 
 def act(app: Celery, run_id: str, action: str, fields: dict[str, Any]) -> str:

@@ -13,7 +13,8 @@ the rule), so it can be read, tested and changed without a worker. Its parts, by
 * ``_runs`` (create and read), ``_turns`` (driver turns), ``_steps`` (claims and
   outcomes), ``_control`` (signals, cancel, terminate, park, resume), ``_recovery``
   (heartbeats, lost messages, lost wakes, stuck runs, timers), ``_retention``
-  (deleting expired runs, consumed signals and gone workers, in batches).
+  (deleting expired runs, consumed signals and gone workers, in batches), ``_census``
+  (counts for monitoring: runs by workflow and status, steps in flight).
 
 :class:`Store` puts the parts together behind one object, one per database URL per
 process.
@@ -22,6 +23,7 @@ process.
 from __future__ import annotations
 
 from ._base import is_unreachable
+from ._census import Census, RunCensus, RunCount
 from ._control import RunControl
 from ._engine import safe_url
 from ._records import (
@@ -49,6 +51,7 @@ from ._records import (
     NewStep,
     Recorded,
     RunRecord,
+    SignalRecord,
     StepRecord,
     Termination,
     TurnCommitted,
@@ -80,6 +83,7 @@ __all__ = [
     "SUCCESS",
     "TERMINATED",
     "CancelledStep",
+    "Census",
     "Dispatch",
     "ErrorInfo",
     "LossPolicy",
@@ -88,7 +92,9 @@ __all__ = [
     "PurgeMark",
     "Purged",
     "Recorded",
+    "RunCount",
     "RunRecord",
+    "SignalRecord",
     "StepRecord",
     "Store",
     "Termination",
@@ -101,7 +107,7 @@ __all__ = [
 ]
 
 
-class Store(RunReads, RunControl, Recovery, Retention):
+class Store(RunReads, RunControl, Recovery, Retention, RunCensus):
     """Runs and steps in SQL. Thread-safe; one per database URL per process is enough.
 
     Each method is one short transaction (or one statement); the methods that move a

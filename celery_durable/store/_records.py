@@ -35,6 +35,7 @@ __all__ = [
     "NewRun",
     "NewStep",
     "RunRecord",
+    "SignalRecord",
     "StepRecord",
     "Termination",
     "TurnCommitted",
@@ -239,6 +240,19 @@ class StepRecord:
     due_at: float | None = None
     #: How many times the step was lost with its worker.
     losses: int = 0
+
+
+@dataclass(frozen=True)
+class SignalRecord:
+    """A signal sent to a run that no wait has taken yet (buffered)."""
+
+    id: int
+    run_id: str
+    name: str
+    content_type: str
+    payload: bytes
+    #: When it was sent (UNIX seconds, the database's clock).
+    created_at: float
 
 
 @dataclass(frozen=True)

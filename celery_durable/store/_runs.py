@@ -13,7 +13,15 @@ from ..errors import WorkflowNotFoundError
 from . import _schema as s
 from ._base import StoreBase
 from ._engine import safe_url
-from ._records import NewRun, RunRecord, StepRecord, run_record, run_row, step_record
+from ._records import (
+    NewRun,
+    RunRecord,
+    SignalRecord,
+    StepRecord,
+    run_record,
+    run_row,
+    step_record,
+)
 
 __all__ = ["RunReads"]
 
@@ -109,3 +117,15 @@ class RunReads(StoreBase):
                 select(s.steps).where(s.steps.c.run_id == run_id).order_by(s.steps.c.seq)
             )
             return [step_record(r) for r in rows]
+
+    def buffered_signals(self, run_id: str, limit: int = 100) -> list[SignalRecord]:
+        """Signals sent to a run that no wait has taken yet, oldest first (``limit`` of them)."""
+        sg = s.signals.c
+        query = (
+            select(sg.id, sg.run_id, sg.name, sg.content_type, sg.payload, sg.created_at)
+            .where(sg.run_id == run_id, sg.consumed_seq.is_(None))
+            .order_by(sg.id)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [SignalRecord(*row) for row in conn.execute(query)]

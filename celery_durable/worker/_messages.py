@@ -8,6 +8,10 @@
   it is a *start request*: the workflow sent by name with its own arguments (see
   ``driver._start``).
 
+Both carry the run id as their Celery ``root_id`` and ``parent_id``, so Flower's task
+page (and any tool reading Celery's task tree) names the run each message belongs to
+(:func:`lineage`); a wake's arguments read ``run=<run id>`` there.
+
 Publishing always happens after the transaction that made the message necessary has
 committed; a message lost between the two is re-sent by the sweeper.
 """
@@ -29,6 +33,7 @@ __all__ = [
     "HEADER_WAKE",
     "batched",
     "is_wake",
+    "lineage",
     "publish_step",
     "publish_wake",
     "step_headers",
@@ -55,6 +60,20 @@ def step_headers(
         HEADER_WORKFLOW: workflow,
         HEADER_DRIVER: dict(driver_options),
     }
+
+
+def lineage(run_id: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Set a message's Celery ``root_id`` and ``parent_id`` to the run it belongs to.
+
+    Celery would otherwise take them from whatever task happens to be sending: a driver
+    turn's random task id, or no task at all, so that Flower shows a run's messages as
+    unrelated trees. The run id is the one name that stays the same for every message of
+    a run, and the one Flower's "root" and "parent" links can lead back from (its
+    ``/task/<run id>`` opens the run's page). Options already set are kept.
+    """
+    options.setdefault("root_id", run_id)
+    options.setdefault("parent_id", run_id)
+    return options
 
 
 def batched(producer: Producer, count: int) -> AbstractContextManager[Any]:
@@ -96,6 +115,14 @@ def publish_step(
     # .set(ignore_result=False)). Nor is the step a child of the driver turn sending it.
     opts.setdefault("ignore_result", True)
     opts["add_to_parent"] = False
+    run_id = merged.get(HEADER_RUN)
+    if run_id is not None:
+        lineage(str(run_id), opts)
+        # With root and parent given, Celery no longer applies task_inherit_parent_priority
+        # from the sending task; the step's parent is its run, so it inherits the run's.
+        priority = (merged.get(HEADER_DRIVER) or {}).get("priority")
+        if priority is not None and app.conf.task_inherit_parent_priority:
+            opts.setdefault("priority", priority)
     task = app.tasks.get(name)
     if task is not None:
         # The registered task knows its own routing, serializer and default options.
@@ -121,7 +148,8 @@ def publish_wake(
     driver_options: Mapping[str, Any],
     producer: Producer | None = None,
 ) -> None:
-    """Ask a worker to run one driver turn of ``run_id``."""
+    """Ask a worker to drive ``run_id``: the workflow's driver task, ``run=<id>`` in Flower."""
+    options = {k: v for k, v in driver_options.items() if k in DRIVER_OPTION_KEYS}
     app.send_task(
         workflow,
         (run_id,),
@@ -130,7 +158,9 @@ def publish_wake(
         # A turn's return value is not the run's result (that is in the store).
         ignore_result=True,
         add_to_parent=False,
-        **{k: v for k, v in driver_options.items() if k in DRIVER_OPTION_KEYS},
+        # What Flower shows as the task's arguments, and searches.
+        argsrepr=f"run={run_id}",
+        **lineage(run_id, options),
     )
 
 
