@@ -178,20 +178,26 @@ class HotStatements:
             id(self.record_ok): _recording(self.record_ok, self.flag_wake),
             id(self.record_error): _recording(self.record_error, self.flag_wake),
         }
-        self.run = select(s.runs).where(runs.id == run_id)
+        # What a turn reads first, in one statement (one snapshot): the run's row and its
+        # outcomes not yet delivered (through their partial index), step columns
+        # prefixed with ``step_``.
+        self.turn_start = (
+            select(s.runs, *(c.label(f"step_{c.name}") for c in s.steps.c))
+            .select_from(
+                s.runs.outerjoin(s.steps, and_(steps.run_id == runs.id, steps.state == DONE))
+            )
+            .where(runs.id == run_id)
+            .order_by(steps.seq)
+        )
         seen = bindparam("b_seen", type_=Integer())
-        # A turn with nothing to deliver still takes the events it saw (a signal no wait
-        # wanted, say), or the next event would not see itself as the first and wake.
+        # A turn with nothing to deliver still takes the events it saw (an outcome an
+        # earlier turn already delivered, a retried write counted twice), or the next
+        # event would not see itself as the first and wake.
         self.take_events = (
             update(s.runs)
             .where(and_(runs.id == run_id, func.coalesce(runs.taken, 0) < seen, no_disk_wait))
             .values(taken=seen, wake_pending=func.coalesce(runs.events, 0) > seen)
             .returning(runs.events)
-        )
-        self.outcomes = (
-            select(s.steps)
-            .where(and_(steps.run_id == run_id, steps.state == DONE))
-            .order_by(steps.seq)
         )
         self.status = select(runs.status).where(runs.id == run_id)
         # The fenced update of every turn; a turn that changes more than turn and status

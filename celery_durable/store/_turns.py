@@ -66,16 +66,14 @@ class TurnWrites(StoreBase):
 
     def begin_turn(self, run_id: str) -> TurnStart | None:
         """Read the run and the outcomes not yet delivered (no write, no lock)."""
-        # The run's row first: every outcome counted in the events read is then among
-        # the steps read after (an outcome and its event commit together). A later
-        # outcome may be read too; it is delivered, and only counted as seen by the
-        # next turn.
+        # One snapshot: every outcome counted in the events read is among the steps
+        # read (an outcome and its event commit together).
         with self._read() as conn:
-            row = conn.execute(self._hot.run, {"b_run": run_id}).first()
-            if row is None:
-                return None
-            outcomes = conn.execute(self._hot.outcomes, {"b_run": run_id})
-            return TurnStart(run_record(row), [step_record(r) for r in outcomes])
+            rows = conn.execute(self._hot.turn_start, {"b_run": run_id}).all()
+        if not rows:
+            return None
+        outcomes = [step_record(_StepColumns(r)) for r in rows if r.step_seq is not None]
+        return TurnStart(run_record(rows[0]), outcomes)
 
     def take_events(self, run_id: str, seen: int) -> bool:
         """Mark the run's first ``seen`` events as seen by a turn that found nothing to
@@ -406,6 +404,16 @@ class TurnWrites(StoreBase):
                 wake_sent_at=self._now,
             )
         )
+
+
+class _StepColumns:
+    """A row of ``HotStatements.turn_start`` seen as a step's row (``step_`` columns)."""
+
+    def __init__(self, row: Any) -> None:
+        self._mapping = row._mapping
+
+    def __getattr__(self, name: str) -> Any:
+        return self._mapping[f"step_{name}"]
 
 
 #: Statements of plain turns by store and shape (see ``TurnWrites._plain_turn``).
