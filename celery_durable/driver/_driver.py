@@ -239,6 +239,10 @@ class RunDriver:
         if run.turn == 0:
             return instance
         records = self.store.history(self.run_id)
+        # Rare once a run has a holder (see ``_local``): worth seeing when it is not.
+        logger.info(
+            "%s: replaying %d steps (not suspended in this process)", self._label, len(records)
+        )
         turn_times = {1: _utc(run.started_at or run.created_at)}
         if run.cancel_turn is not None and run.cancel_at is not None:
             turn_times[run.cancel_turn] = _utc(run.cancel_at)

@@ -248,8 +248,10 @@ class LocalTurns:
             if self._pid != os.getpid():
                 return
             self._closed = True
-            sock, threads = self._socket, self._threads
-            self._socket = None
+            sock, threads, sender = self._socket, self._threads, self._sender
+            self._socket = self._sender = None
+        if sender is not None:
+            sender.close()
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)

@@ -1,0 +1,116 @@
+"""Local turns: a run's next turn driven by the process that keeps it suspended, handed
+over by a datagram. What arrives on the socket is only a hint: nothing in it is trusted."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery, shared_task
+
+from celery_durable import _config, durable_workflow
+from celery_durable.driver import LocalTurns, cache
+from celery_durable.driver._local import _address
+from celery_durable.testing import configure_embedded
+
+JSON = "application/json"
+
+
+@shared_task
+def local_echo(value: Any) -> Any:
+    return value
+
+
+@durable_workflow
+async def two_steps(x: int) -> int:
+    first = await local_echo.s(x)
+    second = await local_echo.s(first + 1)
+    return int(second)
+
+
+@pytest.fixture
+def idle_app(tmp_path: Any) -> Iterator[Celery]:
+    """An app whose messages nobody consumes: turns run only where the test asks."""
+    app = Celery("durable-local", broker="memory://", set_as_current=False)
+    configure_embedded(app, f"sqlite:///{tmp_path}/local.sqlite3")
+    app.conf.task_default_queue = f"durable-local-{uuid.uuid4().hex[:8]}"
+    yield app
+    cache.clear()
+    store = _config._stores.pop(_config.settings_for(app).database_url, None)
+    if store is not None:
+        store.dispose()
+
+
+def finish_open_step(app: Celery, run_id: str) -> None:
+    store = _config.store_for(app)
+    [step] = [s for s in store.history(run_id) if s.state == "SCHEDULED"]
+    [args, _kwargs, _options] = json.loads(step.input or b"[]")
+    store.record_outcome(run_id, step.seq, result=(JSON, json.dumps(args[0]).encode()))
+
+
+def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_handed_over_run_is_driven_by_its_holder_and_junk_is_ignored(idle_app: Celery) -> None:
+    local = LocalTurns()
+    holder = local.holder_id(idle_app)
+    assert holder is not None
+    store = _config.store_for(idle_app)
+    try:
+        two_steps.apply_async((1,), workflow_id="local-1", app=idle_app)
+        # The first turn, driven here as its holder, names this process on the run.
+        local.drive_here(idle_app, two_steps.name, two_steps.fn, "local-1")
+        assert store.require_run("local-1").turn == 1
+        finish_open_step(idle_app, "local-1")
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            for junk in (b"\xff\xfe\x00", b"no-newline", b"not.a.workflow\nlocal-1", b"\n"):
+                sender.sendto(junk, _address(holder))
+            # A real hand-over: from another process it is just this datagram.
+            sender.sendto(f"{two_steps.name}\nlocal-1".encode(), _address(holder))
+        wait_for(lambda: store.require_run("local-1").turn == 2)
+
+        finish_open_step(idle_app, "local-1")
+        assert local(idle_app, two_steps.name, "local-1", {}, holder)  # as a recorder here
+        wait_for(lambda: store.require_run("local-1").status == "SUCCESS")
+        assert store.require_run("local-1").turn == 3
+    finally:
+        local.drain(5.0)
+
+
+def test_a_holder_that_is_gone_is_not_waited_for(idle_app: Celery) -> None:
+    gone = LocalTurns()
+    gone_id = gone.holder_id(idle_app)
+    gone.drain(1.0)  # its socket is closed, as if its process had died
+    here = LocalTurns()
+    store = _config.store_for(idle_app)
+    try:
+        two_steps.apply_async((5,), workflow_id="local-2", app=idle_app)
+        here.drive_here(idle_app, two_steps.name, two_steps.fn, "local-2")
+        finish_open_step(idle_app, "local-2")
+        # The hand-over fails at once; this process drives the run itself.
+        assert here(idle_app, two_steps.name, "local-2", {}, gone_id)
+        wait_for(lambda: store.require_run("local-2").turn == 2)
+    finally:
+        here.drain(5.0)
+
+
+def test_a_run_of_a_queue_this_worker_does_not_consume_is_left_to_the_broker(
+    idle_app: Celery,
+) -> None:
+    local = LocalTurns()
+    try:
+        assert local.holder_id(idle_app) is not None
+        taken = local(idle_app, two_steps.name, "local-3", {"queue": "elsewhere"}, None)
+        assert not taken
+    finally:
+        local.drain(1.0)
