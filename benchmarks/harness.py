@@ -90,13 +90,15 @@ def worker_env(args: argparse.Namespace, **extra: str) -> dict[str, str]:
 
 
 def setup_line(args: argparse.Namespace) -> str:
-    """One line naming the workers, services and versions a measurement ran on."""
+    """One line naming the workers, services and versions a measurement ran on, and how
+    busy the machine was (the load average of the last minute)."""
     import celery
 
     return (
         f"workers: {args.workers} x celery worker -P {args.pool} -c {args.concurrency}"
         f" | broker {args.broker_url} | results {args.result_url} | store "
         f"{args.store_url} | Python {platform.python_version()}, Celery {celery.__version__}"
+        f" | load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
 
 
