@@ -300,14 +300,17 @@ def long_run(bench: Any, store: Any, steps: int, window: int, timeout: float) ->
     if value != steps:
         raise AssertionError(f"got {value!r}, expected {steps!r}")
     done = completion_times(store, handle.id, "activity")
-    # Window i is the steps after the first ``i * window`` to complete: the first window
-    # starts at the first step's completion, so the start of the run is in none of them.
-    windows = [(done[i + window] - done[i]) / window for i in range(0, len(done) - window, window)]
+    # Windows of ``window`` steps each, from the first step's completion (so the start of
+    # the run is in none of them); the last one ends with the last step.
+    starts = [*range(0, len(done) - window, window)]
+    if starts[-1] != len(done) - 1 - window:
+        starts.append(len(done) - 1 - window)
+    windows = [(done[i + window] - done[i]) / window for i in starts]
     return {
         "wall": wall,
         "steps": len(done),
-        "first": (done[window] - done[0]) / window,
-        "last": (done[-1] - done[-1 - window]) / window,
+        "first": windows[0],
+        "last": windows[-1],
         "windows": windows,
     }
 
