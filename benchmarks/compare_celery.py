@@ -438,6 +438,28 @@ def print_times(result: PoolResult, rows: list[Row], args: argparse.Namespace) -
         print("  every window: " + " ".join(f"{w * 1000:.2f}" for w in long["windows"]) + " ms")
 
 
+def print_cpu(result: PoolResult, rows: list[Row]) -> None:
+    """Where the CPU time of each row went, per step: workers, PostgreSQL, Redis, client."""
+    roles = ("workers", "postgres", "redis", "client")
+    table = []
+    for row in rows:
+        for side in ("durable", "celery"):
+            samples = result.samples.get(row.key, {}).get(side, [])
+            if not samples:
+                continue
+            cells = [
+                ms(
+                    statistics.median(s.cpu_by_role.get(role, 0.0) for s in samples)
+                    / row.total_steps
+                )
+                for role in roles
+            ]
+            table.append([row.durable if side == "durable" else row.celery, side, *cells])
+    if table:
+        print("\nCPU per step, by who spent it (median):\n")
+        print_table(["workload", "side", *roles], table, align="ll")
+
+
 def print_counts(result: PoolResult, rows: list[Row]) -> None:
     """SQL round trips and broker messages per step of each row and side."""
     table = []
@@ -586,6 +608,7 @@ def main(argv: list[str] | None = None) -> None:
     for result in results:
         print(f"\n== -P {result.pool} -c {args.concurrency} ({args.workers} worker) ==\n")
         print_times(result, rows, args)
+        print_cpu(result, rows)
         print_counts(result, rows)
         print_floors(result, rows)
     print_summary(results, args)
