@@ -300,14 +300,17 @@ def long_run(bench: Any, store: Any, steps: int, window: int, timeout: float) ->
     if value != steps:
         raise AssertionError(f"got {value!r}, expected {steps!r}")
     done = completion_times(store, handle.id, "activity")
-    # Window i is the steps after the first ``i * window`` to complete: the first window
-    # starts at the first step's completion, so the start of the run is in none of them.
-    windows = [(done[i + window] - done[i]) / window for i in range(0, len(done) - window, window)]
+    # Windows of ``window`` steps each, from the first step's completion (so the start of
+    # the run is in none of them); the last one ends with the last step.
+    starts = [*range(0, len(done) - window, window)]
+    if starts[-1] != len(done) - 1 - window:
+        starts.append(len(done) - 1 - window)
+    windows = [(done[i + window] - done[i]) / window for i in starts]
     return {
         "wall": wall,
         "steps": len(done),
-        "first": (done[window] - done[0]) / window,
-        "last": (done[-1] - done[-1 - window]) / window,
+        "first": windows[0],
+        "last": windows[-1],
         "windows": windows,
     }
 
@@ -382,12 +385,17 @@ def measure_pool(args: argparse.Namespace, bench: Any, store: Any, log_dir: Path
 # -- the report -----------------------------------------------------------------------------
 
 
-def per_step_s(result: PoolResult, row: Row, side: str) -> float:
-    return result.median(row.key, side) / row.total_steps
+def per_step_s(result: PoolResult, row: Row, side: str, what: str = "wall") -> float:
+    return result.median(row.key, side, what) / row.total_steps
 
 
-def print_pool(result: PoolResult, rows: list[Row], args: argparse.Namespace) -> None:
-    print(f"\n== -P {result.pool} -c {args.concurrency} ({args.workers} worker) ==\n")
+def sample_steps(result: PoolResult, row: Row, side: str) -> int:
+    """Steps of all the timed runs of ``row`` on ``side``."""
+    return row.total_steps * len(result.samples.get(row.key, {}).get(side, []))
+
+
+def print_times(result: PoolResult, rows: list[Row], args: argparse.Namespace) -> None:
+    """Wall and CPU time of each row, then the scaling and long rows' per-step ratios."""
     table = []
     for row in rows:
         dw, cw = result.median(row.key, "durable"), result.median(row.key, "celery")
@@ -399,17 +407,17 @@ def print_pool(result: PoolResult, rows: list[Row], args: argparse.Namespace) ->
             ms(dw / row.total_steps), ms(cw / row.total_steps),
             f"{statistics.median(turns):.0f}" if turns else "-",
         ])  # fmt: skip
-    print_table(
-        ["durable", "celery", "durable s", "celery s", "ratio", "durable CPU", "celery CPU",
-         "ratio", "durable/step", "celery/step", "turns"],
-        table, align="ll",
-    )  # fmt: skip
-    print(
-        f"(median of {args.repeat}; concurrent and scaling: of {args.heavy_repeat}; wall "
-        "seconds, CPU seconds of workers, store, Redis and client; /step = wall / steps of "
-        "all runs; turns = driver turns of one run)"
-    )
-
+    if table:
+        print_table(
+            ["durable", "celery", "durable s", "celery s", "ratio", "durable CPU", "celery CPU",
+             "ratio", "durable/step", "celery/step", "turns"],
+            table, align="ll",
+        )  # fmt: skip
+        print(
+            f"(median of {args.repeat}; concurrent and scaling: of {args.heavy_repeat}; wall "
+            "seconds, CPU seconds of workers, store, Redis and client; /step = wall / steps of "
+            "all runs; turns = driver turns of one run)"
+        )
     by_key = {row.key: row for row in rows}
     if "scaling-long" in by_key and "scaling-short" in by_key:
         long_row, short_row = by_key["scaling-long"], by_key["scaling-short"]
@@ -429,12 +437,36 @@ def print_pool(result: PoolResult, rows: list[Row], args: argparse.Namespace) ->
         )
         print("  every window: " + " ".join(f"{w * 1000:.2f}" for w in long["windows"]) + " ms")
 
-    print("\nper step, over the timed runs (workers; see round_trips.py for what counts):\n")
+
+def print_cpu(result: PoolResult, rows: list[Row]) -> None:
+    """Where the CPU time of each row went, per step: workers, PostgreSQL, Redis, client."""
+    roles = ("workers", "postgres", "redis", "client")
+    table = []
+    for row in rows:
+        for side in ("durable", "celery"):
+            samples = result.samples.get(row.key, {}).get(side, [])
+            if not samples:
+                continue
+            cells = [
+                ms(
+                    statistics.median(s.cpu_by_role.get(role, 0.0) for s in samples)
+                    / row.total_steps
+                )
+                for role in roles
+            ]
+            table.append([row.durable if side == "durable" else row.celery, side, *cells])
+    if table:
+        print("\nCPU per step, by who spent it (median):\n")
+        print_table(["workload", "side", *roles], table, align="ll")
+
+
+def print_counts(result: PoolResult, rows: list[Row]) -> None:
+    """SQL round trips and broker messages per step of each row and side."""
     table = []
     for row in rows:
         for side in ("durable", "celery"):
             workers, client = result.counts(row.key, side)
-            n = row.total_steps * len(result.samples.get(row.key, {}).get(side, []))
+            n = sample_steps(result, row, side)
             if not n:
                 continue
             w, c = per_step(workers, n), per_step(client, n)
@@ -447,6 +479,9 @@ def print_pool(result: PoolResult, rows: list[Row], args: argparse.Namespace) ->
                 f"{w.get('messages.wake', 0):.2f}", f"{w.get('messages.task', 0):.2f}",
                 f"{c['sql']:.2f}", f"{c['messages']:.2f}",
             ])  # fmt: skip
+    if not table:
+        return
+    print("\nper step, over the timed runs (workers; see round_trips.py for what counts):\n")
     print_table(
         ["workload", "side", "SQL/step", "statements", "BEGIN", "COMMIT", "other SQL",
          "msgs/step", "steps", "wakes", "tasks", "client SQL", "client msgs"],
@@ -456,60 +491,80 @@ def print_pool(result: PoolResult, rows: list[Row], args: argparse.Namespace) ->
         f"(SQL/step = statements + BEGIN + COMMIT + other (ROLLBACK, pings, prepares); "
         f"the sweeper thread's background work: {result.sweeper_sql:.1f} SQL round trips/s)"
     )
-    if "sequential" in result.samples and "durable" in result.samples["sequential"]:
-        workers, _ = result.counts("sequential", "durable")
-        n = by_key["sequential"].total_steps * len(result.samples["sequential"]["durable"])
-        kinds = sorted(
-            ((k.split(":", 1)[1], v / n) for k, v in workers.items() if k.startswith("work.sql:")),
-            key=lambda kv: -kv[1],
-        )
-        print("  statements of a sequential step: " + ", ".join(f"{v:.2f} {k}" for k, v in kinds))
+    for row in rows:
+        if row.key == "sequential" and sample_steps(result, row, "durable"):
+            n = sample_steps(result, row, "durable")
+            workers, _ = result.counts(row.key, "durable")
+            kinds = sorted(
+                (
+                    (k.split(":", 1)[1], v / n)
+                    for k, v in workers.items()
+                    if k.startswith("work.sql:")
+                ),
+                key=lambda kv: -kv[1],
+            )
+            print(
+                "  statements of a sequential step: " + ", ".join(f"{v:.2f} {k}" for k, v in kinds)
+            )
 
+
+def print_floors(result: PoolResult, rows: list[Row]) -> None:
+    """The floors, and a sequential step in units of each."""
     floors = floor_medians(result.floors)
     print("\nfloors, measured on the same workers before and after the rows (median):\n")
     print_table(["floor", "time"], [[FLOORS[k], ms(v)] for k, v in floors.items()])
-    if "sequential" in by_key and "durable" in result.samples.get("sequential", {}):
-        step = per_step_s(result, by_key["sequential"], "durable")
-        units = ", ".join(f"{step / v:.1f} x {k}" for k, v in floors.items() if v)
-        print(f"  a durable sequential step ({ms(step)}) = {units}")
+    for row in rows:
+        if row.key == "sequential" and sample_steps(result, row, "durable"):
+            step = per_step_s(result, row, "durable")
+            units = ", ".join(f"{step / v:.1f} x {k}" for k, v in floors.items() if v)
+            print(f"  a durable sequential step ({ms(step)}) = {units}")
 
 
 def print_summary(results: list[PoolResult], args: argparse.Namespace) -> None:
     """Each target of the issue beside what each pool measured."""
     rows = {row.key: row for row in rows_of(args)}
-    print("\n== the issue's targets (ratios measured in this run, wall time) ==\n")
     lines: list[list[str]] = []
 
     def add(name: str, target: str, value: Callable[[PoolResult], str]) -> None:
         lines.append([name, target, *(value(r) for r in results)])
 
     def versus(key: str) -> Callable[[PoolResult], str]:
-        return lambda r: ratio(r.median(key, "durable"), r.median(key, "celery"))
+        def value(r: PoolResult) -> str:
+            wall = ratio(r.median(key, "durable"), r.median(key, "celery"))
+            cpu = ratio(r.median(key, "durable", "cpu"), r.median(key, "celery", "cpu"))
+            return f"{wall} (CPU {cpu})"
 
-    if "sequential" in rows:
-        add(
-            f"{rows['sequential'].durable} vs {rows['sequential'].celery}",
-            "<= 1.3x",
-            versus("sequential"),
-        )
-    if "gather" in rows:
-        add(f"{rows['gather'].durable} vs {rows['gather'].celery}", "<= 1.0x", versus("gather"))
-    if "concurrent" in rows:
-        add(
-            f"{rows['concurrent'].durable} vs {rows['concurrent'].celery}",
-            "<= 1.5x",
-            versus("concurrent"),
-        )
-    if "scaling-long" in rows:
+        return value
+
+    def scaling(side: str) -> Callable[[PoolResult], str]:
         long_row, short_row = rows["scaling-long"], rows["scaling-short"]
-        for side in ("durable", "celery"):
-            add(
-                f"{side}: {args.scaling_runs} x {long_row.steps} vs x {short_row.steps}, per step",
-                "<= 1.15x" if side == "durable" else "(reference)",
-                lambda r, side=side: ratio(
-                    per_step_s(r, long_row, side), per_step_s(r, short_row, side)
-                ),
-            )
+
+        def value(r: PoolResult) -> str:
+            wall = ratio(per_step_s(r, long_row, side), per_step_s(r, short_row, side))
+            cpu = ratio(per_step_s(r, long_row, side, "cpu"), per_step_s(r, short_row, side, "cpu"))
+            return f"{wall} (CPU {cpu})"
+
+        return value
+
+    def counted(what: str) -> Callable[[PoolResult], str]:
+        def value(r: PoolResult) -> str:
+            n = sample_steps(r, rows["sequential"], "durable")
+            return f"{per_step(r.counts('sequential', 'durable')[0], n)[what]:.2f}" if n else "-"
+
+        return value
+
+    for key, target in (
+        ("sequential", "<= 1.3x"),
+        ("gather", "<= 1.0x"),
+        ("concurrent", "<= 1.5x"),
+    ):
+        if key in rows:
+            add(f"{rows[key].durable} vs {rows[key].celery}", target, versus(key))
+    if "scaling-long" in rows:
+        long_steps, short_steps = rows["scaling-long"].steps, rows["scaling-short"].steps
+        for side, target in (("durable", "<= 1.15x"), ("celery", "(reference)")):
+            name = f"{side}: {args.scaling_runs} x {long_steps} vs x {short_steps}, per step"
+            add(name, target, scaling(side))
     if "long" in args.rows:
         add(
             f"one run of {args.long_steps}: last {args.long_window} vs first, per step",
@@ -517,20 +572,9 @@ def print_summary(results: list[PoolResult], args: argparse.Namespace) -> None:
             lambda r: ratio(r.long["last"], r.long["first"]) if r.long else "-",
         )
     if "sequential" in rows:
-
-        def counted(what: str) -> Callable[[PoolResult], str]:
-            def value(r: PoolResult) -> str:
-                n = rows["sequential"].total_steps * len(
-                    r.samples.get("sequential", {}).get("durable", [])
-                )
-                return (
-                    f"{per_step(r.counts('sequential', 'durable')[0], n)[what]:.2f}" if n else "-"
-                )
-
-            return value
-
         add("SQL round trips per sequential step", "<= 4", counted("sql"))
         add("broker messages per sequential step", "<= 1", counted("messages"))
+    print("\n== the issue's targets (ratios measured in this run: wall time, and CPU) ==\n")
     print_table(["workload", "target", *(f"-P {r.pool}" for r in results)], lines, align="ll")
     print(
         "(also: workflow.step per step in SQL commits: benchmarks/local_steps.py; worker "
@@ -562,7 +606,11 @@ def main(argv: list[str] | None = None) -> None:
             results.append(measure_pool(with_pool(args, pool), bench, store, log_dir))
     rows = rows_of(args)
     for result in results:
-        print_pool(result, rows, args)
+        print(f"\n== -P {result.pool} -c {args.concurrency} ({args.workers} worker) ==\n")
+        print_times(result, rows, args)
+        print_cpu(result, rows)
+        print_counts(result, rows)
+        print_floors(result, rows)
     print_summary(results, args)
     print(f"\n(took {sum(r.seconds for r in results):.0f} s)")
 

@@ -90,13 +90,15 @@ def worker_env(args: argparse.Namespace, **extra: str) -> dict[str, str]:
 
 
 def setup_line(args: argparse.Namespace) -> str:
-    """One line naming the workers, services and versions a measurement ran on."""
+    """One line naming the workers, services and versions a measurement ran on, and how
+    busy the machine was (the load average of the last minute)."""
     import celery
 
     return (
         f"workers: {args.workers} x celery worker -P {args.pool} -c {args.concurrency}"
         f" | broker {args.broker_url} | results {args.result_url} | store "
         f"{args.store_url} | Python {platform.python_version()}, Celery {celery.__version__}"
+        f" | load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
 
 
@@ -228,6 +230,8 @@ class CpuMeter:
         self.postgres = make_url(store_url).get_backend_name() == "postgresql"
         self.tick = os.sysconf("SC_CLK_TCK")
         self.redis = [p for p in self._all_pids() if self._comm(p) == "redis-server"]
+        self.roles: dict[int, str] = {0: "client"}
+        self.last_by_role: dict[str, float] = {}
 
     @staticmethod
     def _all_pids() -> list[int]:
@@ -247,13 +251,16 @@ class CpuMeter:
             return None
         return (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
 
-    def _pids(self) -> set[int]:
-        pids = set(self.redis)
+    def _pids(self) -> dict[int, str]:
+        """The processes to count, each with its role: workers, postgres, redis."""
+        pids = dict.fromkeys(self.redis, "redis")
         for proc in self.workers.procs:
-            pids.add(proc.pid)
+            pids[proc.pid] = "workers"
             children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
             with contextlib.suppress(OSError):
-                pids.update(int(c) for c in children.read_text().split())
+                pids.update(
+                    dict.fromkeys((int(c) for c in children.read_text().split()), "workers")
+                )
         if self.postgres:
             for pid in self._all_pids():
                 try:
@@ -261,20 +268,30 @@ class CpuMeter:
                 except OSError:
                     continue
                 if cmdline.startswith(b"postgres: ") and f" {self.database} ".encode() in cmdline:
-                    pids.add(pid)
+                    pids[pid] = "postgres"
         return pids
 
     def sample(self) -> dict[int, float]:
         """CPU seconds so far, by process (this client under pid 0)."""
-        seen = {pid: self._cpu(pid) for pid in self._pids()}
+        roles = self._pids()
+        seen = {pid: self._cpu(pid) for pid in roles}
         counts = {pid: cpu for pid, cpu in seen.items() if cpu is not None}
         counts[0] = time.process_time()
+        self.roles.update(roles)
         return counts
 
     def since(self, before: dict[int, float]) -> float:
-        """CPU seconds spent since ``before`` (processes started since count in full)."""
+        """CPU seconds spent since ``before`` (processes started since count in full).
+
+        Also keeps them by role in :attr:`last_by_role` (workers, postgres, redis, client).
+        """
         after = self.sample()
-        return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+        spent = {pid: cpu - before.get(pid, 0.0) for pid, cpu in after.items()}
+        by_role: Counter[str] = Counter()
+        for pid, cpu in spent.items():
+            by_role[self.roles.get(pid, "client")] += cpu
+        self.last_by_role = dict(by_role)
+        return sum(spent.values())
 
 
 @dataclass
@@ -285,6 +302,8 @@ class Sample:
     cpu: float
     workers: Counter[str] = field(default_factory=Counter)
     client: Counter[str] = field(default_factory=Counter)
+    #: CPU seconds by role: workers, postgres, redis, client (see :class:`CpuMeter`).
+    cpu_by_role: dict[str, float] = field(default_factory=dict)
 
 
 def counted(fn: Callable[[], Any], expected: Any, meter: CpuMeter, tally: Any) -> Sample:
@@ -293,7 +312,9 @@ def counted(fn: Callable[[], Any], expected: Any, meter: CpuMeter, tally: Any) -
     workers_before, client_before = tally.settled()
     wall, cpu = timed(fn, expected, meter)
     workers_after, client_after = tally.settled()
-    return Sample(wall, cpu, workers_after - workers_before, client_after - client_before)
+    return Sample(
+        wall, cpu, workers_after - workers_before, client_after - client_before, meter.last_by_role
+    )
 
 
 def timed(fn: Callable[[], Any], expected: Any, meter: CpuMeter) -> tuple[float, float]:

@@ -17,8 +17,8 @@ own cost per step. Per step, two ways:
   the steady state, without the start of the run or the client's wait;
 * ``wall/step``: the client's time from ``.delay()`` to the result, divided by the steps.
 
-Beside them, the floor measured on the same database in the same run (before and after
-the runs, on the same workers): one SQL commit (``BEGIN``; ``UPDATE`` of one row;
+Beside them, the floor measured on the same database in the same run (before, between
+and after the runs, on the same workers): one SQL commit (``BEGIN``; ``UPDATE`` of one row;
 ``COMMIT``; on SQLite ``BEGIN IMMEDIATE``, WAL, ``synchronous=NORMAL`` as the store sets
 it), and the table prints ``per step = X commits`` next to the issue's targets (SQLite 8,
 PostgreSQL 3). The other floors (one SQL round trip, one broker round trip, one plain
@@ -118,8 +118,9 @@ def measure(
         meter = CpuMeter(workers, args.store_url)
         tally = Tally(count_dir)
         timed(lambda: bench.local_steps.delay(10).get(timeout=args.timeout), 10, meter)
-        merge_floors(floors, measure_floors(store, args, bench.add_one, args.floor_samples))
         for _ in range(args.repeat):
+            # Floors between the runs too: a commit's time moves with the disk's mood.
+            merge_floors(floors, measure_floors(store, args, bench.add_one, args.floor_samples))
             sample = counted(run, n, meter, tally)
             samples.append(sample)
             done = completion_times(store, handles[0].id, "local")
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
          "statements of a step"],
         counts, align="llrrrrrl",
     )  # fmt: skip
-    print("\nfloors, on the same workers and database before and after the runs (median):\n")
+    print("\nfloors, on the same workers and database, around each run (median):\n")
     print_table(["store", "pool", *FLOORS], floor_rows, align="ll")
     print("(" + "; ".join(f"{k}: {v}" for k, v in FLOORS.items()) + ")")
 
