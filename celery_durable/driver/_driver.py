@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -30,7 +31,18 @@ from ..runtime import (
     WorkflowInstance,
     replay,
 )
-from ..store import ACTIVE, FAILURE, STUCK, RunRecord, StepRecord, Store, TurnCommitted, TurnWrite
+from ..store import (
+    ACTIVE,
+    DONE,
+    FAILURE,
+    STUCK,
+    RunRecord,
+    StepRecord,
+    Store,
+    TurnCommitted,
+    TurnStart,
+    TurnWrite,
+)
 from ..worker import batched, publish_step, publish_wake, step_headers
 from ._cache import cache
 from ._plan import Messages, TurnPlan
@@ -72,6 +84,8 @@ class RunDriver:
         #: Whether the last turn only took in outcomes (it sent nothing, nor finished):
         #: a fan-in with steps still coming in.
         self.absorbed = False
+        #: What the next turn would read, when this driver's own commit decided it.
+        self._known: TurnStart | None = None
 
     @property
     def _label(self) -> str:
@@ -104,7 +118,7 @@ class RunDriver:
                 publish_wake(self.app, self.workflow, self.run_id, run.options)
 
     def _turn(self) -> tuple[str | None, bool]:
-        start = self.store.begin_turn(self.run_id)
+        start, self._known = self._known or self.store.begin_turn(self.run_id), None
         if start is None:
             logger.warning("%s: no such run in the store; wake ignored", self._label)
             return None, False
@@ -181,7 +195,50 @@ class RunDriver:
             or committed.pending
             or write.restart is not None
         )
+        if more and not (committed.signals_matched or committed.pending or write.restart):
+            # Only this turn's local steps are new, and nothing else has happened since
+            # the read (an event would have made the commit pending): the next turn
+            # starts from what this one committed, without reading it back.
+            self._known = self._after(run, write, at)
         return write.status, bool(more)
+
+    def _after(self, run: RunRecord, write: TurnWrite, at: float) -> TurnStart:
+        """The run and its undelivered outcomes as ``write`` (just committed) left them."""
+        cancelled = write.cancel_delivered
+        after = replace(
+            run,
+            turn=run.turn + 1,
+            status=write.status,
+            taken=write.seen,
+            started_at=run.started_at if run.turn > 0 else at,
+            cancel_turn=run.turn + 1 if cancelled else run.cancel_turn,
+            cancel_at=at if cancelled else run.cancel_at,
+        )
+        done = [
+            StepRecord(
+                run_id=self.run_id,
+                seq=n.seq,
+                kind=n.kind,
+                name=n.name,
+                created_turn=run.turn + 1,
+                state=DONE,
+                dispatch_id=n.dispatch_id,
+                attempts=0,
+                content_type=n.content_type,
+                input=n.input,
+                outcome="error" if n.error else "ok",
+                result=n.result,
+                error=n.error,
+                dispatched_at=at,
+                completed_at=at,
+                observed_turn=None,
+                observed_at=None,
+                claimed_by=None,
+            )
+            for n in write.new_steps
+            if n.state == DONE
+        ]
+        return TurnStart(after, done)
 
     # -- after the commit ------------------------------------------------------------------
 
