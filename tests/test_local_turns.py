@@ -114,3 +114,19 @@ def test_a_run_of_a_queue_this_worker_does_not_consume_is_left_to_the_broker(
         assert not taken
     finally:
         local.drain(1.0)
+
+
+def test_a_drained_process_closes_its_socket_and_listens_anew_when_asked(idle_app: Celery) -> None:
+    local = LocalTurns()
+    first = local.holder_id(idle_app)
+    local.drain(5.0)
+    # A stopped worker no longer takes hand-overs; one started again gets a new id.
+    second = local.holder_id(idle_app)
+    try:
+        assert first is not None and second is not None and second != first
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            with pytest.raises(OSError):
+                sender.sendto(b"x\ny", _address(first))
+            sender.sendto(b"x\ny", _address(second))
+    finally:
+        local.drain(5.0)

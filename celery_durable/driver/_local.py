@@ -83,6 +83,9 @@ class LocalTurns:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
         self._pid = os.getpid()
         self._id: str | None = None
         self._socket: socket.socket | None = None
@@ -248,6 +251,8 @@ class LocalTurns:
             if self._pid != os.getpid():
                 return
             self._closed = True
+            # No longer a holder: turns committed from now on name no process.
+            self._id = None
             sock, threads, sender = self._socket, self._threads, self._sender
             self._socket = self._sender = None
         if sender is not None:
@@ -267,6 +272,10 @@ class LocalTurns:
         threading.Thread(target=wait, daemon=True).start()
         if not done.wait(timeout):
             logger.warning("celery_durable: local turns still running at exit")
+            return
+        # A worker started again in this process (an embedded one, in tests) listens anew.
+        with self._lock:
+            self._reset()
 
 
 def _wake_by_broker(app: Celery, workflow: str, run_id: str) -> None:
