@@ -14,9 +14,10 @@ backend), on the same ``celery worker`` processes:
 
 Warm-up first, then ``--repeat`` timed runs of each, interleaved; the medians of wall
 time and of CPU time (workers, store, Redis and client together, which a busy machine
-disturbs less) and the ratios durable/celery are printed. The workers and the app are those of
-``compare_celery.py`` (the helpers are ``harness.py``'s); the queue and the store are this
-script's own, so both can run at once.
+disturbs less) and the ratios durable/celery are printed, then the floors measured on the
+same workers (``harness.FLOORS``: one SQL commit, one broker round trip, one plain task).
+The workers and the app are those of ``compare_celery.py`` (the helpers are
+``harness.py``'s); the queue and the store are this script's own, so both can run at once.
 """
 
 from __future__ import annotations
@@ -34,11 +35,16 @@ sys.path.insert(0, str(HERE))
 
 from harness import (  # noqa: E402 - the sibling module, importable once on the path
     DEFAULT_STORE,
+    FLOORS,
     CpuMeter,
     Workers,
     add_common_options,
     ensure_database,
+    floor_medians,
     forget_benchmark_runs,
+    measure_floors,
+    ms,
+    print_table,
     setup_line,
     timed,
     worker_env,
@@ -131,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
             for _, make, expected in rows:  # warm-up
                 timed(run_durable(make), expected, meter)
                 timed(run_celery(make), expected, meter)
+            floors = measure_floors(store_for(app), args, bench.add_one, samples=50)
             Sample = tuple[float, float]  # wall seconds, CPU seconds
             samples: list[tuple[list[Sample], list[Sample]]] = [([], []) for _ in rows]
             for _ in range(args.repeat):
@@ -162,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
         f"(median of {args.repeat}; ratio = durable / celery, below 1 when durable is faster; "
         "CPU = seconds of CPU all the processes involved spent, see harness.CpuMeter)"
     )
+    print("\nfloors, measured on the same workers (median):\n")
+    print_table(["floor", "time"], [[FLOORS[k], ms(v)] for k, v in floor_medians(floors).items()])
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
 
 Starts ``celery worker`` subprocesses of ``comparison_app`` (``--pool``/``--pools``,
 ``--concurrency`` 2; one pool after the other, the same workers for both sides), warms
-them up at small sizes, then times each row ``--repeat`` times, durable and Celery in
-turns so that a slow spell of the machine hits both:
+them up at small sizes, then times each row ``--repeat`` (3) times (``concurrent`` and
+``scaling``, a minute or more each at full size: ``--heavy-repeat``, 1), durable and
+Celery in turns so that a slow spell of the machine hits both:
 
 | row | durable | Celery (Redis results) | target |
 |---|---|---|---|
@@ -26,11 +27,13 @@ and every window between. It takes a few minutes, so it runs only when named
 chain in every message).
 
 Every run is timed from the client's first call to the last result in hand (durable:
-``.delay()`` then ``WorkflowHandle.get``; Celery: ``apply_async()`` then ``.get()``), in
-wall time and in CPU time (the workers, the store's PostgreSQL backends, Redis and the
-client: see ``harness.CpuMeter``). The tasks do nothing, so what is measured is each
-engine's own cost per step. Read the ratios, measured in the same run, not the seconds;
-nothing is asserted.
+``.delay()`` then ``WorkflowHandle.get``; Celery: ``apply_async()`` then ``.get()``, or
+``ResultSet.join_native`` for many), in wall time and in CPU time (the workers, the
+store's PostgreSQL backends, Redis and the client: see ``harness.CpuMeter``; a table
+shows who spent it, per step). The tasks do nothing, so what is measured is each engine's
+own cost per step. Read the ratios, measured in the same run, not the seconds; on a busy
+machine the CPU ratios move less than the wall ones (the setup line shows the load
+average). Nothing is asserted.
 
 The workers also count, per process, their SQL round trips and broker messages (see
 ``round_trips.py`` for exactly what counts as a round trip), and the table shows them per

@@ -1,4 +1,5 @@
-"""The Celery app that ``compare_celery.py`` measures: the same tasks, run two ways.
+"""The Celery app that ``compare_celery.py`` (and ``local_steps.py``, ``canvas_vs_celery.py``)
+measures: the same tasks, run two ways.
 
 Imported both by the benchmark script (which starts runs and waits for them) and by the
 ``celery worker`` processes it starts (``-A comparison_app``). Everything that differs

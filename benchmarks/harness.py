@@ -3,9 +3,9 @@
 Not a script: ``compare_celery.py``, ``local_steps.py``, ``canvas_vs_celery.py``,
 ``waiting_runs.py`` and ``sweep_cost.py`` import it (``benchmarks/`` is put on
 ``sys.path`` first). It holds their common options, the worker subprocesses of
-``comparison_app``, the CPU meter, the store's cleanup, the floors every benchmark prints
-beside its numbers (:data:`FLOORS`: one SQL commit, one SQL round trip, one broker round
-trip, one plain Celery task) and a plain-text table.
+``comparison_app``, the CPU meter, the store's cleanup, the floors the benchmarks of
+workers print beside their numbers (:data:`FLOORS`: one SQL commit, one SQL round trip,
+one broker round trip, one plain Celery task) and a plain-text table.
 """
 
 from __future__ import annotations
