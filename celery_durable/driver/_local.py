@@ -182,36 +182,20 @@ class LocalTurns:
             threads = self._threads
             if threads is None or self._closed:
                 return False
-            if run_id in self._driving:
-                self._driving[run_id] = True  # the thread driving it looks once more
-                return True
-            self._driving[run_id] = False
-            try:
-                threads.submit(self._drive, app, workflow, fn, run_id)
-            except RuntimeError:  # shut down meanwhile
-                del self._driving[run_id]
-                return False
+        if not self._mark(run_id):
+            return True  # the thread driving it looks once more
+        try:
+            threads.submit(self._drive, app, workflow, fn, run_id)
+        except RuntimeError:  # shut down meanwhile
+            with self._lock:
+                self._driving.pop(run_id, None)
+            return False
         return True
 
     def _drive(self, app: Celery, workflow: str, fn: Workflow, run_id: str) -> None:
         try:
-            while True:
-                driver = RunDriver(app, workflow, fn, run_id, holder=self._id)
-                status = driver.drive()
-                with self._lock:
-                    again = self._driving[run_id]
-                    if not again or driver.absorbed:
-                        del self._driving[run_id]
-                    else:
-                        self._driving[run_id] = False
-                if not again:
-                    return
-                if driver.absorbed:
-                    driver.wake_later(status)  # a fan-in: let its outcomes gather
-                    return
-        except BaseException:
-            with self._lock:
-                self._driving.pop(run_id, None)
+            self._turns(app, workflow, fn, run_id, self._id)
+        except Exception:
             # The store may be away, or the turn failed in a way a worker should retry:
             # a wake message lets any worker try; failing that, the sweeper will.
             logger.exception("workflow %s[%s]: local turn failed; sending a wake", workflow, run_id)
@@ -223,27 +207,45 @@ class LocalTurns:
         If a turn thread is driving it right now, that thread looks once more instead.
         """
         holder = self.holder_id(app) if runs_tasks() else None
+        if not self._mark(run_id):
+            return None
+        return self._turns(app, workflow, fn, run_id, holder)
+
+    def _mark(self, run_id: str) -> bool:
+        """Mark the run as driven in this process; False if it is already (its driver
+        is told to look once more)."""
         with self._lock:
             if run_id in self._driving:
                 self._driving[run_id] = True
-                return None
+                return False
             self._driving[run_id] = False
-        status = None
+            return True
+
+    def _turns(
+        self, app: Celery, workflow: str, fn: Workflow, run_id: str, holder: str | None
+    ) -> str | None:
+        """Drive a run marked by :meth:`_mark` until no wake came in meanwhile."""
         try:
             while True:
                 driver = RunDriver(app, workflow, fn, run_id, holder=holder)
                 status = driver.drive()
                 with self._lock:
+                    # Unmarked under the lock that a wake takes to ask for more: none
+                    # falls between this look and the unmarking.
                     again = self._driving[run_id]
-                    self._driving[run_id] = False
+                    if not again or driver.absorbed:
+                        del self._driving[run_id]
+                    else:
+                        self._driving[run_id] = False
                 if not again:
                     return status
                 if driver.absorbed:
                     driver.wake_later(status)  # a fan-in: let its outcomes gather
                     return status
-        finally:
+        except BaseException:
             with self._lock:
                 self._driving.pop(run_id, None)
+            raise
 
     def drain(self, timeout: float) -> None:
         """Stop listening and wait (at most ``timeout`` s) for the turns taken."""

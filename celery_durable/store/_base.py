@@ -49,6 +49,8 @@ class StoreBase:
         #: time (never this host's: see ``_clock``).
         self._now = _clock.db_now(self.dialect)
         self._hot = HotStatements(self._no_disk_wait(), self._now)
+        #: The one-statement turn commits, by shape, built on first use (``_turns``).
+        self._plain_turns: dict[Any, Any] = {}
         live_stores.add(self)
 
     @contextmanager

@@ -169,15 +169,12 @@ class HotStatements:
                 stall_from=None,
             )
         )
-        # An event lost in a database crash only delays the sweeper's wake; inside a
-        # transaction that must be durable (an outcome, a signal, a timer) it waits for
-        # the disk with the rest.
-        self.flag_wake_fast = wake_flag_update(no_disk_wait, now)
+        # An event is counted in the transaction of what it reports (an outcome, a
+        # signal, a timer), which waits for the disk.
         self.flag_wake = wake_flag_update(true(), now)
-        self._recording = {
-            id(self.record_ok): _recording(self.record_ok, self.flag_wake),
-            id(self.record_error): _recording(self.record_error, self.flag_wake),
-        }
+        # PostgreSQL: each outcome and its event in one statement.
+        self.record_ok_counted = _recording(self.record_ok, self.flag_wake)
+        self.record_error_counted = _recording(self.record_error, self.flag_wake)
         # What a turn reads first, in one statement (one snapshot): the run's row and its
         # outcomes not yet delivered (through their partial index), step columns
         # prefixed with ``step_``.
@@ -257,7 +254,3 @@ class HotStatements:
                 state=DELIVERED, observed_turn=bindparam("b_next", type_=Integer()), observed_at=at
             )
         )
-
-    def record_with(self, record: Update) -> Select[Any]:
-        """The one-statement form (PostgreSQL) of ``record`` and its event."""
-        return self._recording[id(record)]

@@ -107,17 +107,17 @@ class StepClaims(StoreBase):
         the answer: count the event again (a spare turn costs less than a lost wake).
         """
         key = {"b_run": run_id, "b_seq": seq}
+        hot = self._hot
         if error is not None:
-            record, values = self._hot.record_error, {**key, "b_error": error}
+            record, counted = hot.record_error, hot.record_error_counted
+            values = {**key, "b_error": error}
         else:
             assert result is not None
-            record = self._hot.record_ok
+            record, counted = hot.record_ok, hot.record_ok_counted
             values = {**key, "b_type": result[0], "b_result": result[1]}
         if self.dialect == "postgresql":
             # One statement, one round trip: lock the run, store the outcome, count it.
-            row = self._each_statement(
-                self._hot.record_with(record), {**values, "b_retrying": retrying}
-            )
+            row = self._each_statement(counted, {**values, "b_retrying": retrying})
             assert row is not None
             if row.events is None:
                 return Recorded(bool(row.recorded), False)

@@ -190,10 +190,9 @@ class TurnWrites(StoreBase):
         row's lock before any step's (the lock order).
         """
         shape = (tuple(sorted(extra)), bool(write.delivered), bool(write.new_steps))
-        statement = _PLAIN_TURNS.get((id(self), shape))
+        statement = self._plain_turns.get(shape)
         if statement is None:
-            statement = self._plain_turn(*shape)
-            _PLAIN_TURNS[(id(self), shape)] = statement
+            statement = self._plain_turns[shape] = self._plain_turn(*shape)
         params.update({f"x_{name}": value for name, value in extra.items()})
         if write.delivered:
             params["b_seqs"] = list(write.delivered)
@@ -414,10 +413,6 @@ class _StepColumns:
 
     def __getattr__(self, name: str) -> Any:
         return self._mapping[f"step_{name}"]
-
-
-#: Statements of plain turns by store and shape (see ``TurnWrites._plain_turn``).
-_PLAIN_TURNS: dict[tuple[int, Any], Select[Any]] = {}
 
 
 def _plain(write: TurnWrite) -> bool:

@@ -74,8 +74,8 @@ def wake(
     """Have the run's next turn driven: here or by its holder if that can be done
     without the broker, else by whichever worker takes the wake message.
 
-    A wake that goes nowhere is not lost: the run's wake flag stays set in the store
-    and the sweeper wakes it after ``durable_stall_timeout``.
+    A wake that goes nowhere is not lost: the run's event stays counted and unseen in
+    the store, and the sweeper wakes it after ``durable_stall_timeout``.
     """
     if _local_driver is not None and _runs_tasks and not app.conf.task_always_eager:
         try:
