@@ -4,6 +4,7 @@ over by a datagram. What arrives on the socket is only a hint: nothing in it is 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 import uuid
@@ -15,8 +16,10 @@ from celery import Celery, shared_task
 
 from celery_durable import _config, durable_workflow
 from celery_durable.driver import LocalTurns, cache
-from celery_durable.driver._local import _address
+from celery_durable.driver._handover import address as _address
+from celery_durable.driver._handover import hand_over
 from celery_durable.testing import configure_embedded
+from celery_durable.worker import OutcomeHint
 
 JSON = "application/json"
 
@@ -128,5 +131,120 @@ def test_a_drained_process_closes_its_socket_and_listens_anew_when_asked(idle_ap
             with pytest.raises(OSError):
                 sender.sendto(b"x\ny", _address(first))
             sender.sendto(b"x\ny", _address(second))
+    finally:
+        local.drain(5.0)
+
+
+# -- hints: the outcome that woke the run, handed over with it ------------------------------
+
+
+def record_open_step(app: Celery, run_id: str, value: Any = None) -> tuple[OutcomeHint, Any]:
+    """Record the open step's outcome (its input, or ``value``) as its worker would; the
+    hint its recorder hands over, and the value recorded."""
+    store = _config.store_for(app)
+    [step] = [s for s in store.history(run_id) if s.state == "SCHEDULED"]
+    [args, _kwargs, _options] = json.loads(step.input or b"[]")
+    value = args[0] if value is None else value
+    result = (JSON, json.dumps(value).encode())
+    recorded = store.record_outcome(run_id, step.seq, result=result)
+    assert recorded.woken and recorded.events is not None
+    return OutcomeHint(step.seq, step.name, recorded.events, result=result), value
+
+
+def reads_of(app: Celery, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    store = _config.store_for(app)
+    reads: list[str] = []
+    begin = store.begin_turn
+
+    def counted(run_id: str) -> Any:
+        reads.append(run_id)
+        return begin(run_id)
+
+    monkeypatch.setattr(store, "begin_turn", counted)
+    return reads
+
+
+def second_input(app: Celery, run_id: str) -> Any:
+    [_first, second] = _config.store_for(app).history(run_id)
+    return json.loads(second.input)[0][0]
+
+
+def test_a_hinted_turn_runs_from_the_holders_last_commit_without_a_read(
+    idle_app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = LocalTurns()
+    holder = local.holder_id(idle_app)
+    assert holder is not None
+    store = _config.store_for(idle_app)
+    try:
+        two_steps.apply_async((1,), workflow_id="hint-1", app=idle_app)
+        local.drive_here(idle_app, two_steps.name, two_steps.fn, "hint-1")
+        reads = reads_of(idle_app, monkeypatch)
+
+        hint, _ = record_open_step(idle_app, "hint-1")
+        assert local(idle_app, two_steps.name, "hint-1", {}, holder, hint)
+        wait_for(lambda: store.require_run("hint-1").turn == 2)
+        assert reads == [] and second_input(idle_app, "hint-1") == 2
+        run = store.require_run("hint-1")
+        assert run.events == run.taken
+
+        # By datagram, as from another process of this user.
+        hint, _ = record_open_step(idle_app, "hint-1")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(hand_over(two_steps.name, "hint-1", hint), _address(holder))
+        wait_for(lambda: store.require_run("hint-1").status == "SUCCESS")
+        assert reads == [] and store.require_run("hint-1").result == b"2"
+    finally:
+        local.drain(5.0)
+
+
+def test_a_hint_that_is_not_the_only_news_is_set_aside_for_a_read(
+    idle_app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = LocalTurns()
+    holder = local.holder_id(idle_app)
+    assert holder is not None
+    store = _config.store_for(idle_app)
+    try:
+        two_steps.apply_async((1,), workflow_id="hint-2", app=idle_app)
+        local.drive_here(idle_app, two_steps.name, two_steps.fn, "hint-2")
+        reads = reads_of(idle_app, monkeypatch)
+        hint, _ = record_open_step(idle_app, "hint-2")
+        # Another event (a signal nobody waits for) came before the hint's.
+        store.send_signal("hint-2", "nudge", JSON, b"1")
+        late = hint._replace(events=hint.events + 1)
+        assert local(idle_app, two_steps.name, "hint-2", {}, holder, late)
+        wait_for(lambda: store.require_run("hint-2").turn == 2)
+        assert reads == ["hint-2"] and second_input(idle_app, "hint-2") == 2
+    finally:
+        local.drain(5.0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="sending as another user needs root")
+def test_a_hint_from_another_user_is_not_believed(idle_app: Celery) -> None:
+    local = LocalTurns()
+    holder = local.holder_id(idle_app)
+    assert holder is not None
+    store = _config.store_for(idle_app)
+    try:
+        two_steps.apply_async((1,), workflow_id="hint-3", app=idle_app)
+        local.drive_here(idle_app, two_steps.name, two_steps.fn, "hint-3")
+        hint, _ = record_open_step(idle_app, "hint-3")
+        forged = hint._replace(result=(JSON, b"666"))
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the forked child
+            code = 1
+            try:
+                os.setuid(65534)
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+                    sender.sendto(hand_over(two_steps.name, "hint-3", forged), _address(holder))
+                code = 0
+            finally:
+                os._exit(code)
+        _pid, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # Taken as a plain hand-over: the turn reads the outcome from the store.
+        wait_for(lambda: store.require_run("hint-3").turn == 2)
+        assert second_input(idle_app, "hint-3") == 2
     finally:
         local.drain(5.0)

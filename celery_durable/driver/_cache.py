@@ -8,6 +8,7 @@ import threading
 from collections import OrderedDict
 
 from ..runtime import WorkflowInstance
+from ..store import RunRecord
 
 __all__ = ["InstanceCache", "cache"]
 
@@ -21,7 +22,9 @@ class InstanceCache:
     """
 
     def __init__(self) -> None:
-        self._items: OrderedDict[str, tuple[int, WorkflowInstance]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[int, WorkflowInstance, RunRecord | None]] = (
+            OrderedDict()
+        )
         self._lock = threading.Lock()
 
     def take(self, run_id: str, turn: int, incarnation: int = 0) -> WorkflowInstance | None:
@@ -35,16 +38,32 @@ class InstanceCache:
             item[1].close()  # out of date: another process moved the run on
         return None
 
+    def committed(self, run_id: str) -> RunRecord | None:
+        """The run's row as this process's last commit of it left it (with nothing left
+        undelivered), if the instance kept is that commit's."""
+        with self._lock:
+            item = self._items.get(run_id)
+        if item is None or item[2] is None or item[1].turn != item[2].turn:
+            return None
+        return item[2]
+
     def put(
-        self, run_id: str, instance: WorkflowInstance, capacity: int, incarnation: int = 0
+        self,
+        run_id: str,
+        instance: WorkflowInstance,
+        capacity: int,
+        incarnation: int = 0,
+        committed: RunRecord | None = None,
     ) -> None:
-        """Keep ``instance`` (of ``incarnation``) for the next turn of ``run_id``."""
+        """Keep ``instance`` (of ``incarnation``) for the next turn of ``run_id``;
+        ``committed``: the run's row as the commit of the instance's last turn left it,
+        when that left nothing undelivered (see :meth:`committed`)."""
         if capacity <= 0:
             instance.close()
             return
         evicted = []
         with self._lock:
-            self._items[run_id] = (incarnation, instance)
+            self._items[run_id] = (incarnation, instance, committed)
             self._items.move_to_end(run_id)
             while len(self._items) > capacity:
                 evicted.append(self._items.popitem(last=False)[1][1])
@@ -56,7 +75,7 @@ class InstanceCache:
         with self._lock:
             items = list(self._items.values())
             self._items.clear()
-        for _, instance in items:
+        for _, instance, _ in items:
             instance.close()
 
     def __len__(self) -> int:

@@ -23,6 +23,7 @@ from .._codec import Codec, decode_error, encode_error
 from .._config import settings_for, store_for
 from ..errors import HistoryWriteError, NonDeterminismError
 from ..runtime import (
+    ACTIVITY,
     HistoryStep,
     ScheduleActivity,
     StartChild,
@@ -43,7 +44,7 @@ from ..store import (
     TurnStart,
     TurnWrite,
 )
-from ..worker import batched, publish_step, publish_wake, step_headers
+from ..worker import OutcomeHint, batched, publish_step, publish_wake, step_headers
 from ._cache import cache
 from ._plan import Messages, TurnPlan
 
@@ -72,8 +73,11 @@ class RunDriver:
         fn: Callable[..., Coroutine[Any, Any, Any]],
         run_id: str,
         holder: str | None = None,
+        hint: OutcomeHint | None = None,
     ) -> None:
         self.app = app
+        #: The outcome whose recording woke the run, from its recorder (``_local``).
+        self._hint = hint
         self.holder = holder
         self.workflow = workflow
         self.fn = fn
@@ -118,7 +122,10 @@ class RunDriver:
                 publish_wake(self.app, self.workflow, self.run_id, run.options)
 
     def _turn(self) -> tuple[str | None, bool]:
-        start, self._known = self._known or self.store.begin_turn(self.run_id), None
+        start, self._known = (
+            self._known or self._hinted() or self.store.begin_turn(self.run_id),
+            None,
+        )
         if start is None:
             logger.warning("%s: no such run in the store; wake ignored", self._label)
             return None, False
@@ -182,8 +189,14 @@ class RunDriver:
             return None, False
 
         self.absorbed = not commands and not instance.finished
+        after = None
+        if not (committed.signals_matched or committed.pending or write.restart):
+            # Nothing else has happened since the read (an event would have made the
+            # commit pending): the run is as this commit left it.
+            after = self._after(run, write, at)
         if not instance.finished:
-            cache.put(self.run_id, instance, self.settings.cache_size, run.incarnation)
+            kept = after.run if after is not None and not after.new_outcomes else None
+            cache.put(self.run_id, instance, self.settings.cache_size, run.incarnation, kept)
         else:
             instance.close()  # tasks it left pending must not run at garbage collection
         self._publish(run, plan.messages, committed)
@@ -195,12 +208,43 @@ class RunDriver:
             or committed.pending
             or write.restart is not None
         )
-        if more and not (committed.signals_matched or committed.pending or write.restart):
-            # Only this turn's local steps are new, and nothing else has happened since
-            # the read (an event would have made the commit pending): the next turn
-            # starts from what this one committed, without reading it back.
-            self._known = self._after(run, write, at)
+        if more and after is not None:
+            # Only this turn's local steps are new: the next turn starts from what this
+            # one committed, without reading it back.
+            self._known = after
         return write.status, bool(more)
+
+    def _hinted(self) -> TurnStart | None:
+        """The turn's start from the outcome that woke the run, if that was the only
+        event since this process's last commit of the run (which then is all a read
+        would return): no read."""
+        hint, self._hint = self._hint, None
+        if hint is None:
+            return None
+        run = cache.committed(self.run_id)
+        if run is None or run.events != run.taken or hint.events != run.events + 1:
+            return None
+        step = StepRecord(
+            run_id=self.run_id,
+            seq=hint.seq,
+            kind=ACTIVITY,
+            name=hint.name,
+            created_turn=run.turn,
+            state=DONE,
+            dispatch_id="",
+            attempts=1,
+            content_type=hint.result[0] if hint.result is not None else "",
+            input=b"",
+            outcome="error" if hint.error is not None else "ok",
+            result=hint.result[1] if hint.result is not None else None,
+            error=hint.error,
+            dispatched_at=0.0,
+            completed_at=None,
+            observed_turn=None,
+            observed_at=None,
+            claimed_by=None,
+        )
+        return TurnStart(replace(run, events=hint.events), [step])
 
     def _after(self, run: RunRecord, write: TurnWrite, at: float) -> TurnStart:
         """The run and its undelivered outcomes as ``write`` (just committed) left them."""

@@ -30,7 +30,6 @@ import contextlib
 import logging
 import os
 import socket
-import sys
 import threading
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
@@ -40,9 +39,10 @@ from typing import Any
 from celery import Celery
 
 from .._config import store_for
-from ..worker import install_local_driver, publish_wake, runs_tasks
+from ..worker import OutcomeHint, install_local_driver, publish_wake, runs_tasks
 from ..worker._identity import machine
 from ._driver import RunDriver
+from ._handover import CREDENTIALS, DATAGRAM, PREFIX, VOUCHED, address, hand_over, read_hand_over
 
 __all__ = ["LocalTurns", "local_turns"]
 
@@ -53,8 +53,6 @@ Workflow = Callable[..., Coroutine[Any, Any, Any]]
 #: Threads per process that drive handed-over turns: enough to overlap one turn's
 #: database round trips with another's work, few enough not to crowd the pool.
 TURN_THREADS = 4
-
-_PREFIX = "celery-durable"
 
 
 def workflow_code(app: Celery, workflow: str) -> Workflow | None:
@@ -116,10 +114,14 @@ class LocalTurns:
         if where is None or not hasattr(socket, "AF_UNIX"):
             self._closed = True  # cannot tell machines apart: hand nothing over
             return
-        holder = f"{_PREFIX}/{uuid.uuid4().hex}@{where}"
+        holder = f"{PREFIX}/{uuid.uuid4().hex}@{where}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            sock.bind(_address(holder))
+            if VOUCHED:
+                # The kernel names each datagram's sender: a hint is used only from a
+                # process of this user.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            sock.bind(address(holder))
         except OSError:
             sock.close()
             logger.warning("celery_durable: cannot listen for local turns", exc_info=True)
@@ -137,15 +139,16 @@ class LocalTurns:
     def _receive(self, sock: socket.socket) -> None:
         while True:
             try:
-                data = sock.recv(65536)
+                data, ancillary, _flags, _sender = sock.recvmsg(DATAGRAM, CREDENTIALS)
             except OSError:
                 return  # closed by drain()
-            workflow, _, run_id = data.decode("utf-8", "replace").partition("\n")
             app = self._app
-            if app is None or not run_id:
+            handed = read_hand_over(data, ancillary)
+            if app is None or handed is None:
                 continue
+            workflow, run_id, hint = handed
             fn = workflow_code(app, workflow)
-            if fn is None or not self._submit(app, workflow, fn, run_id):
+            if fn is None or not self._submit(app, workflow, fn, run_id, hint):
                 _wake_by_broker(app, workflow, run_id)
 
     # -- taking wakes ---------------------------------------------------------------------
@@ -157,44 +160,63 @@ class LocalTurns:
         run_id: str,
         options: Mapping[str, Any],
         holder: str | None,
+        hint: OutcomeHint | None = None,
     ) -> bool:
-        """Drive the run's next turn here or hand it to its holder; False if neither."""
+        """Drive the run's next turn here or hand it to its holder; False if neither.
+
+        ``hint``: the outcome whose recording woke the run, passed on to the holder.
+        """
         mine = self.holder_id(app)
-        if holder is not None and holder != mine and self._hand_over(holder, workflow, run_id):
+        if (
+            holder is not None
+            and holder != mine
+            and self._hand_over(holder, workflow, run_id, hint)
+        ):
             return True
         fn = workflow_code(app, workflow)
         if mine is None or fn is None or not consumes_driver_queue(app, workflow, options):
             return False
-        return self._submit(app, workflow, fn, run_id)
+        # A hint is good only to the process whose commit it follows: this one, if it
+        # is the holder.
+        return self._submit(app, workflow, fn, run_id, hint if holder == mine else None)
 
-    def _hand_over(self, holder: str, workflow: str, run_id: str) -> bool:
+    def _hand_over(self, holder: str, workflow: str, run_id: str, hint: OutcomeHint | None) -> bool:
         sender = self._sender
         if sender is None or not holder.endswith(f"@{machine()}"):
             return False
         try:
-            sender.sendto(f"{workflow}\n{run_id}".encode(), _address(holder))
+            sender.sendto(hand_over(workflow, run_id, hint), address(holder))
         except OSError:
             return False  # gone (refused, no such socket) or swamped: drive it here
         return True
 
-    def _submit(self, app: Celery, workflow: str, fn: Workflow, run_id: str) -> bool:
+    def _submit(
+        self,
+        app: Celery,
+        workflow: str,
+        fn: Workflow,
+        run_id: str,
+        hint: OutcomeHint | None = None,
+    ) -> bool:
         with self._lock:
             threads = self._threads
             if threads is None or self._closed:
                 return False
         if not self._mark(run_id):
-            return True  # the thread driving it looks once more
+            return True  # the thread driving it looks once more (and reads)
         try:
-            threads.submit(self._drive, app, workflow, fn, run_id)
+            threads.submit(self._drive, app, workflow, fn, run_id, hint)
         except RuntimeError:  # shut down meanwhile
             with self._lock:
                 self._driving.pop(run_id, None)
             return False
         return True
 
-    def _drive(self, app: Celery, workflow: str, fn: Workflow, run_id: str) -> None:
+    def _drive(
+        self, app: Celery, workflow: str, fn: Workflow, run_id: str, hint: OutcomeHint | None
+    ) -> None:
         try:
-            self._turns(app, workflow, fn, run_id, self._id)
+            self._turns(app, workflow, fn, run_id, self._id, hint)
         except Exception:
             # The store may be away, or the turn failed in a way a worker should retry:
             # a wake message lets any worker try; failing that, the sweeper will.
@@ -222,12 +244,19 @@ class LocalTurns:
             return True
 
     def _turns(
-        self, app: Celery, workflow: str, fn: Workflow, run_id: str, holder: str | None
+        self,
+        app: Celery,
+        workflow: str,
+        fn: Workflow,
+        run_id: str,
+        holder: str | None,
+        hint: OutcomeHint | None = None,
     ) -> str | None:
         """Drive a run marked by :meth:`_mark` until no wake came in meanwhile."""
         try:
             while True:
-                driver = RunDriver(app, workflow, fn, run_id, holder=holder)
+                driver = RunDriver(app, workflow, fn, run_id, holder=holder, hint=hint)
+                hint = None  # a later look reads what came meanwhile
                 status = driver.drive()
                 with self._lock:
                     # Unmarked under the lock that a wake takes to ask for more: none
@@ -288,15 +317,6 @@ def _wake_by_broker(app: Celery, workflow: str, run_id: str) -> None:
             publish_wake(app, workflow, run_id, run.options)
     except Exception:
         logger.warning("workflow %s[%s]: no wake sent; the sweeper will", workflow, run_id)
-
-
-def _address(holder: str) -> str | bytes:
-    name = holder.partition("@")[0]
-    if sys.platform.startswith("linux"):
-        return b"\0" + name.encode()  # abstract: vanishes with the process
-    import tempfile
-
-    return os.path.join(tempfile.gettempdir(), name.replace("/", "-") + ".sock")
 
 
 #: This process's local driving; installed in the worker layer on import.

@@ -170,6 +170,8 @@ class Recorded(NamedTuple):
     woken: bool
     #: The process that ran the run's last turn (``TurnWrite.driver``), when woken.
     driver: str | None = None
+    #: The run's event count with this one, when woken (its only unseen event then).
+    events: int | None = None
 
 
 @dataclass(frozen=True)

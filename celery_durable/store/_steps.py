@@ -121,7 +121,7 @@ class StepClaims(StoreBase):
             assert row is not None
             if row.events is None:
                 return Recorded(bool(row.recorded), False)
-            return Recorded(bool(row.recorded), woke(row), row.driver_id)
+            return Recorded(bool(row.recorded), woke(row), row.driver_id, row.events)
         # The outcome and its event commit together: a turn's read sees both or neither,
         # and its commit sees every event counted before it (see wake_flag_update).
         with self._transaction() as conn:
@@ -132,7 +132,7 @@ class StepClaims(StoreBase):
             wake = conn.execute(self._hot.flag_wake, key).first()
             if wake is None:
                 return Recorded(recorded, False)
-            return Recorded(recorded, woke(wake), wake.driver_id)
+            return Recorded(recorded, woke(wake), wake.driver_id, wake.events)
 
     def release_step(
         self,

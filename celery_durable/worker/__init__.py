@@ -39,12 +39,13 @@ from ._messages import (
 )
 from ._republish import publish_resumed, resend, retry_run
 from ._sweeper import GONE_WORKERS_KEPT, Sweeper
-from ._wakes import install_local_driver, runs_tasks, wake
+from ._wakes import OutcomeHint, install_local_driver, runs_tasks, wake
 
 __all__ = [
     "DRIVER_OPTION_KEYS",
     "GONE_WORKERS_KEPT",
     "DurableWorkerStep",
+    "OutcomeHint",
     "Sweeper",
     "batched",
     "connect",

@@ -29,7 +29,7 @@ from ._messages import (
     publish_wake,
 )
 from ._retrying import retry_while_unreachable
-from ._wakes import wake
+from ._wakes import OutcomeHint, wake
 
 __all__ = [
     "held_dispatches",
@@ -194,8 +194,12 @@ def _record(
         workflow, driver = run.workflow, run.options
     if here:
         # Usually the next turn is driven in this process, or handed to the one on this
-        # machine that keeps the run's coroutine: no broker message, no replay.
-        wake(app, workflow, run_id, driver, holder=recorded.driver)
+        # machine that keeps the run's coroutine: no broker message, no replay; and,
+        # with the outcome in hand, no read of the run either.
+        hint = None
+        if recorded.recorded and recorded.events is not None:
+            hint = OutcomeHint(seq, str(task.name), recorded.events, **outcome)
+        wake(app, workflow, run_id, driver, holder=recorded.driver, hint=hint)
     else:
         publish_wake(app, workflow, run_id, driver)
 

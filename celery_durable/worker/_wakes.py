@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from celery import Celery
 
+from ..store import ErrorInfo
 from ._messages import publish_wake
 
 __all__ = [
     "LocalDriver",
+    "OutcomeHint",
     "drain_local_driver",
     "install_local_driver",
     "runs_tasks",
@@ -31,9 +33,29 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: ``(app, workflow, run id, driver options, holder) -> taken``: drive the run's next
-#: turn in this process or hand it to its holder on this machine; False if it cannot.
-LocalDriver = Callable[[Celery, str, str, Mapping[str, Any], "str | None"], bool]
+
+class OutcomeHint(NamedTuple):
+    """The outcome whose recording woke a run, as its recorder knows it.
+
+    When it is the only event the run's last turn did not see (``events`` is one more
+    than what that turn saw), the process keeping the run's coroutine can run the next
+    turn from what its own last commit left, without reading the run back.
+    """
+
+    seq: int
+    name: str
+    #: The run's event count with this outcome's event.
+    events: int
+    result: tuple[str, bytes] | None = None
+    error: ErrorInfo | None = None
+
+
+#: ``(app, workflow, run id, driver options, holder, hint) -> taken``: drive the run's
+#: next turn in this process or hand it to its holder on this machine; False if it
+#: cannot.
+LocalDriver = Callable[
+    [Celery, str, str, Mapping[str, Any], "str | None", "OutcomeHint | None"], bool
+]
 
 _local_driver: LocalDriver | None = None
 _drain: Callable[[float], None] | None = None
@@ -70,6 +92,7 @@ def wake(
     run_id: str,
     options: Mapping[str, Any],
     holder: str | None = None,
+    hint: OutcomeHint | None = None,
 ) -> None:
     """Have the run's next turn driven: here or by its holder if that can be done
     without the broker, else by whichever worker takes the wake message.
@@ -79,7 +102,7 @@ def wake(
     """
     if _local_driver is not None and _runs_tasks and not app.conf.task_always_eager:
         try:
-            if _local_driver(app, workflow, run_id, options, holder):
+            if _local_driver(app, workflow, run_id, options, holder, hint):
                 return
         except Exception:
             logger.exception("workflow %s[%s]: could not drive it here", workflow, run_id)
