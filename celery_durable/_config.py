@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import cached_property
 from typing import Any
 
 from celery import Celery
@@ -65,7 +67,7 @@ class Settings:
     result_accept: frozenset[str] = field(default_factory=lambda: accepted_types(None))
     result_setting: str = "result_accept_content"
 
-    @property
+    @cached_property
     def codec(self) -> Codec:
         """Encodes with ``task_serializer``; decodes only what the app accepts."""
         return Codec(
@@ -117,12 +119,68 @@ def _expires(app: Celery) -> float | None:
     return seconds or None
 
 
+#: The settings :func:`settings_for` reads, by the names they are stored under.
+_READ = (
+    "durable_database_url",
+    "durable_sweep_interval",
+    "durable_stall_timeout",
+    "durable_timer_interval",
+    "durable_worker_timeout",
+    "durable_cache_size",
+    "durable_max_redeliveries",
+    "durable_redelivery_backoff",
+    "durable_result_expires",
+    "task_serializer",
+    "accept_content",
+    "result_accept_content",
+)
+_UNSET = object()
+_read: weakref.WeakKeyDictionary[Celery, tuple[tuple[Any, ...], Settings]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _as_read(conf: Any) -> tuple[Any, ...] | None:
+    """What ``conf`` holds for the settings read (copies of containers, which can change
+    in place); None if this is not a configuration whose layers can be looked at."""
+    maps = getattr(conf, "maps", None)
+    if not isinstance(maps, list):
+        return None
+    values = []
+    for mapping in maps:
+        get = getattr(mapping, "get", None)
+        if get is None:
+            return None
+        for key in _READ:
+            value = get(key, _UNSET)
+            values.append(tuple(value) if isinstance(value, (list, set, tuple)) else value)
+    return tuple(values)
+
+
 def settings_for(app: Celery) -> Settings:
     """Read and check the app's ``durable_*`` settings.
+
+    Called for every step and turn: the checked settings are kept while what the
+    configuration holds for them stays the same (a look costs a microsecond, reading
+    and checking them fifty).
 
     Raises:
         ImproperlyConfigured: a setting is missing its right type or the URL is malformed.
     """
+    seen = _as_read(app.conf)
+    kept = _read.get(app) if seen is not None else None
+    if kept is not None and kept[0] == seen:
+        return kept[1]
+    settings = _settings_of(app)
+    # Reading may have finished loading the configuration: keep what it holds now, if
+    # nothing changed while it was read.
+    after = _as_read(app.conf)
+    if after is not None and (seen is None or len(seen) != len(after) or seen == after):
+        _read[app] = (after, settings)
+    return settings
+
+
+def _settings_of(app: Celery) -> Settings:
     url = app.conf.get("durable_database_url") or DEFAULT_DATABASE_URL
     if not isinstance(url, str):
         raise ImproperlyConfigured(

@@ -334,3 +334,18 @@ def test_a_handle_reads_the_app_that_started_it_from_a_thread_with_another_app(
             store.dispose()
     assert seen == ["PENDING", "PENDING", bare.name]
     assert handle.app is idle_app
+
+
+def test_settings_are_read_again_when_the_configuration_changes() -> None:
+    app = Celery("durable-rereads", broker="memory://", set_as_current=False)
+    app.conf.accept_content = ["json"]
+    first = _config.settings_for(app)
+    # Unchanged: kept (the hot path asks for every step and turn).
+    assert _config.settings_for(app) is first
+    app.conf.durable_cache_size = 7
+    assert _config.settings_for(app).cache_size == 7
+    # A container changed in place is seen too.
+    app.conf.accept_content.append("pickle")
+    assert "application/x-python-serialize" in _config.settings_for(app).accept
+    app.conf.update(durable_stall_timeout=2)
+    assert _config.settings_for(app).stall_timeout == 2.0
