@@ -18,6 +18,7 @@ from celery_durable import _config, durable_workflow
 from celery_durable.driver import LocalTurns, cache
 from celery_durable.driver._handover import address as _address
 from celery_durable.driver._handover import hand_over
+from celery_durable.errors import StoreUnavailableError
 from celery_durable.testing import configure_embedded
 from celery_durable.worker import OutcomeHint
 
@@ -246,5 +247,31 @@ def test_a_hint_from_another_user_is_not_believed(idle_app: Celery) -> None:
         # Taken as a plain hand-over: the turn reads the outcome from the store.
         wait_for(lambda: store.require_run("hint-3").turn == 2)
         assert second_input(idle_app, "hint-3") == 2
+    finally:
+        local.drain(5.0)
+
+
+def test_a_replay_that_cannot_reach_the_store_is_tried_again_not_parked(
+    idle_app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = LocalTurns()
+    store = _config.store_for(idle_app)
+    try:
+        two_steps.apply_async((1,), workflow_id="replay-1", app=idle_app)
+        local.drive_here(idle_app, two_steps.name, two_steps.fn, "replay-1")
+        cache.clear()  # the next turn replays
+        finish_open_step(idle_app, "replay-1")
+
+        def away(run_id: str) -> Any:
+            raise StoreUnavailableError("the store went away")
+
+        monkeypatch.setattr(store, "history", away)
+        with pytest.raises(StoreUnavailableError):
+            local.drive_here(idle_app, two_steps.name, two_steps.fn, "replay-1")
+        assert store.require_run("replay-1").status == "RUNNING"
+
+        monkeypatch.undo()
+        local.drive_here(idle_app, two_steps.name, two_steps.fn, "replay-1")
+        assert store.require_run("replay-1").turn == 2
     finally:
         local.drain(5.0)

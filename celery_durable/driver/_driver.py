@@ -21,7 +21,7 @@ from celery import Celery
 
 from .._codec import Codec, decode_error, encode_error
 from .._config import settings_for, store_for
-from ..errors import HistoryWriteError, NonDeterminismError
+from ..errors import HistoryWriteError, NonDeterminismError, StoreUnavailableError
 from ..runtime import (
     ACTIVITY,
     HistoryStep,
@@ -148,6 +148,12 @@ class RunDriver:
                 instance = self._rebuild(run, at)
             outcomes = [self._outcome(step) for step in start.new_outcomes]
             commands = instance.activate(outcomes, _utc(at), cancel=cancel)
+        except StoreUnavailableError:
+            # Loading the history failed for want of the store, not because of it: the
+            # turn is tried again (a wake, or the sweeper), never parked for that.
+            if instance is not None:
+                instance.close()
+            raise
         except NonDeterminismError as exc:
             logger.error("%s is STUCK: %s", self._label, exc)
             self.store.park(self.run_id, run.turn, STUCK, encode_error(exc), run.incarnation)

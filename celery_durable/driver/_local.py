@@ -30,6 +30,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 import threading
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
@@ -49,6 +50,9 @@ __all__ = ["LocalTurns", "local_turns"]
 logger = logging.getLogger(__name__)
 
 Workflow = Callable[..., Coroutine[Any, Any, Any]]
+
+#: Microseconds a hand-over waits for room in its holder's socket queue.
+HAND_OVER_WAIT_US = 50_000
 
 #: Threads per process that drive handed-over turns: enough to overlap one turn's
 #: database round trips with another's work, few enough not to crowd the pool.
@@ -129,7 +133,14 @@ class LocalTurns:
             return
         self._socket, self._id, self._app = sock, holder, app
         self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sender.setblocking(False)
+        # A holder's queue holds few datagrams (net.unix.max_dgram_qlen, 10 by default)
+        # and its listener empties it quickly: wait that little rather than drive the
+        # run here, which would replay it; a holder that is gone refuses at once.
+        # (A kernel timeout on a blocking socket: Python's own timeout would poll the
+        # sender's socket, which is always writable, and spin.)
+        self._sender.setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, HAND_OVER_WAIT_US)
+        )
         self._threads = ThreadPoolExecutor(TURN_THREADS, thread_name_prefix="durable-turn")
         listener = threading.Thread(
             target=self._receive, args=(sock,), name="durable-turns", daemon=True
