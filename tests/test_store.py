@@ -408,6 +408,15 @@ def test_outcomes_of_an_inactive_run_are_recorded_without_a_wake(store: Store) -
     assert states(store) == {1: DONE, 2: SCHEDULED}
 
 
+def test_a_waiting_client_polls_the_status_and_the_age_by_the_databases_clock(
+    store: Store, clock: DbClock
+) -> None:
+    assert store.poll_status("run-1") is None
+    create(store)
+    clock.advance(30)
+    assert store.poll_status("run-1") == (PENDING, pytest.approx(30.0))
+
+
 # -- leases and lost workers -------------------------------------------------------------
 
 POLICY = LossPolicy(max_losses=2, backoff=1.0)

@@ -65,6 +65,13 @@ class RunReads(StoreBase):
         with self._read() as conn:
             return conn.execute(self._hot.status, {"b_run": run_id}).scalar_one_or_none()
 
+    def poll_status(self, run_id: str) -> tuple[str, float] | None:
+        """The status of a run and its age in seconds, by the database's clock (for a
+        client waiting on it, whose own clock may be off)."""
+        with self._read() as conn:
+            row = conn.execute(self._hot.status_and_age, {"b_run": run_id}).first()
+        return None if row is None else (str(row.status), max(0.0, float(row.age or 0.0)))
+
     def list_runs(
         self,
         status: str | None = None,

@@ -197,6 +197,10 @@ class HotStatements:
             .returning(runs.events)
         )
         self.status = select(runs.status).where(runs.id == run_id)
+        # For a client waiting on the run: its status and its age by the database's clock.
+        self.status_and_age = select(runs.status, (now - runs.created_at).label("age")).where(
+            runs.id == run_id
+        )
         # The fenced update of every turn; a turn that changes more than turn and status
         # adds its values with ``.values(...)``. The turn number alone repeats (a
         # continue-as-new starts again at 0, a retry goes back one), so the fence is
