@@ -9,7 +9,17 @@ from typing import Any
 
 import pytest
 from dbclock import DbClock
-from sqlalchemy import Index, MetaData, Table, create_engine, insert, inspect, select, update
+from sqlalchemy import (
+    Index,
+    MetaData,
+    Table,
+    create_engine,
+    event,
+    insert,
+    inspect,
+    select,
+    update,
+)
 
 from celery_durable import store as _store
 from celery_durable.errors import DurableError, StoreUnavailableError, WorkflowNotFoundError
@@ -415,6 +425,43 @@ def test_a_waiting_client_polls_the_status_and_the_age_by_the_databases_clock(
     create(store)
     clock.advance(30)
     assert store.poll_status("run-1") == (PENDING, pytest.approx(30.0))
+
+
+@pytest.mark.parametrize("status", [SUCCESS, FAILURE])
+def test_a_run_that_is_nobodys_child_finishes_in_one_statement(
+    store: Store, clock: DbClock, status: str
+) -> None:
+    start(store, "charge")
+    assert store.record_outcome("run-1", 1, result=ok())[:2] == (True, True)
+    at = clock.advance(5)
+    error = {"type": "ValueError", "module": "builtins", "message": "no", "args": ["no"]}
+    write = TurnWrite(
+        turn=1,
+        at=T0 + 100,  # the turn's own time: not the finishing time
+        delivered=[1],
+        seen=store.require_run("run-1").events,
+        status=status,
+        result=ok("9") if status == SUCCESS else None,
+        error=error if status == FAILURE else None,
+        child=False,
+    )
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        committed = store.commit_turn("run-1", write)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", count)
+    assert committed is not None and not committed.pending and committed.parent is None
+    if store.dialect == "postgresql":
+        assert len(statements) == 1, statements
+    run = store.require_run("run-1")
+    assert (run.status, run.turn, run.finished_at) == (status, 2, pytest.approx(at))
+    assert (run.result, run.error) == ((b"9", None) if status == SUCCESS else (None, error))
+    assert states(store) == {1: DELIVERED}
 
 
 # -- leases and lost workers -------------------------------------------------------------

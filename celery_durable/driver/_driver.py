@@ -174,6 +174,7 @@ class RunDriver:
             cancel_delivered=cancel,
             driver=self.holder if not instance.finished else None,
             seen=run.events,
+            child=run.parent_id is not None,
         )
         plan = TurnPlan(self.run_id, self._label, self.codec, write).add(commands)
 

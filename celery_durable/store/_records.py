@@ -159,6 +159,9 @@ class TurnWrite:
     driver: str | None = None
     #: The run's event count the turn read (``RunRecord.events``): what it has seen.
     seen: int = 0
+    #: Whether the run is a child run (``RunRecord.parent_id``, set once at its
+    #: creation): a finishing child's commit locks its parent's row first.
+    child: bool = True
 
 
 class Recorded(NamedTuple):

@@ -135,7 +135,7 @@ class TurnWrites(StoreBase):
         if self.dialect == "postgresql" and _plain(write):
             return self._commit_plain_turn(run_id, write, extra, params)
         with self._transaction() as conn:
-            if finishing:
+            if finishing and write.child:
                 # This commit may complete the parent's step and flag its wake.
                 self._lock_parent_of(conn, run_id)
             advance_result = conn.execute(advance, {**key, **fence, "b_status": write.status})
@@ -193,7 +193,8 @@ class TurnWrites(StoreBase):
         statement = self._plain_turns.get(shape)
         if statement is None:
             statement = self._plain_turns[shape] = self._plain_turn(*shape)
-        params.update({f"x_{name}": value for name, value in extra.items()})
+        # The finishing time is the database's, computed in the statement.
+        params.update({f"x_{name}": v for name, v in extra.items() if name != "finished_at"})
         if write.delivered:
             params["b_seqs"] = list(write.delivered)
         if write.new_steps:
@@ -211,7 +212,10 @@ class TurnWrites(StoreBase):
         building and keying a statement this size costs more than running it."""
         advance = self._hot.advance
         if extra:
-            advance = advance.values(**{name: bindparam(f"x_{name}") for name in extra})
+            values: dict[str, Any] = {name: bindparam(f"x_{name}") for name in extra}
+            if "finished_at" in values:
+                values["finished_at"] = self._now
+            advance = advance.values(**values)
         advanced = advance.cte("advanced")
         landed = exists(select(advanced.c.events))
         parts = []
@@ -416,11 +420,10 @@ class _StepColumns:
 
 
 def _plain(write: TurnWrite) -> bool:
-    """Whether a turn only delivers and adds steps (no signal waits), unfinished."""
+    """Whether a turn only delivers and adds steps (no signal waits), or finishes a run
+    that is nobody's child (whose commit has no parent's step to complete)."""
     return (
-        write.status not in FINISHED
-        and write.result is None
-        and write.error is None
+        (write.status not in FINISHED or not write.child)
         and not write.progress
         and not write.children
         and not write.cancelled
