@@ -3,6 +3,7 @@ over by a datagram. What arrives on the socket is only a hint: nothing in it is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -170,16 +171,26 @@ def second_input(app: Celery, run_id: str) -> Any:
     return json.loads(second.input)[0][0]
 
 
+@contextlib.contextmanager
+def held(app: Celery, run_id: str) -> Iterator[tuple[LocalTurns, str]]:
+    """A run of ``two_steps`` whose first turn was driven (and is held) by a fresh
+    :class:`LocalTurns`: that and its holder id; drained after."""
+    local = LocalTurns()
+    holder = local.holder_id(app)
+    assert holder is not None
+    try:
+        two_steps.apply_async((1,), workflow_id=run_id, app=app)
+        local.drive_here(app, two_steps.name, two_steps.fn, run_id)
+        yield local, holder
+    finally:
+        local.drain(5.0)
+
+
 def test_a_hinted_turn_runs_from_the_holders_last_commit_without_a_read(
     idle_app: Celery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    local = LocalTurns()
-    holder = local.holder_id(idle_app)
-    assert holder is not None
     store = _config.store_for(idle_app)
-    try:
-        two_steps.apply_async((1,), workflow_id="hint-1", app=idle_app)
-        local.drive_here(idle_app, two_steps.name, two_steps.fn, "hint-1")
+    with held(idle_app, "hint-1") as (local, holder):
         reads = reads_of(idle_app, monkeypatch)
 
         hint, _ = record_open_step(idle_app, "hint-1")
@@ -195,20 +206,13 @@ def test_a_hinted_turn_runs_from_the_holders_last_commit_without_a_read(
             sender.sendto(hand_over(two_steps.name, "hint-1", hint), _address(holder))
         wait_for(lambda: store.require_run("hint-1").status == "SUCCESS")
         assert reads == [] and store.require_run("hint-1").result == b"2"
-    finally:
-        local.drain(5.0)
 
 
 def test_a_hint_that_is_not_the_only_news_is_set_aside_for_a_read(
     idle_app: Celery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    local = LocalTurns()
-    holder = local.holder_id(idle_app)
-    assert holder is not None
     store = _config.store_for(idle_app)
-    try:
-        two_steps.apply_async((1,), workflow_id="hint-2", app=idle_app)
-        local.drive_here(idle_app, two_steps.name, two_steps.fn, "hint-2")
+    with held(idle_app, "hint-2") as (local, holder):
         reads = reads_of(idle_app, monkeypatch)
         hint, _ = record_open_step(idle_app, "hint-2")
         # Another event (a signal nobody waits for) came before the hint's.
@@ -217,19 +221,12 @@ def test_a_hint_that_is_not_the_only_news_is_set_aside_for_a_read(
         assert local(idle_app, two_steps.name, "hint-2", {}, holder, late)
         wait_for(lambda: store.require_run("hint-2").turn == 2)
         assert reads == ["hint-2"] and second_input(idle_app, "hint-2") == 2
-    finally:
-        local.drain(5.0)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="sending as another user needs root")
 def test_a_hint_from_another_user_is_not_believed(idle_app: Celery) -> None:
-    local = LocalTurns()
-    holder = local.holder_id(idle_app)
-    assert holder is not None
     store = _config.store_for(idle_app)
-    try:
-        two_steps.apply_async((1,), workflow_id="hint-3", app=idle_app)
-        local.drive_here(idle_app, two_steps.name, two_steps.fn, "hint-3")
+    with held(idle_app, "hint-3") as (_local, holder):
         hint, _ = record_open_step(idle_app, "hint-3")
         forged = hint._replace(result=(JSON, b"666"))
         child = os.fork()
@@ -247,8 +244,6 @@ def test_a_hint_from_another_user_is_not_believed(idle_app: Celery) -> None:
         # Taken as a plain hand-over: the turn reads the outcome from the store.
         wait_for(lambda: store.require_run("hint-3").turn == 2)
         assert second_input(idle_app, "hint-3") == 2
-    finally:
-        local.drain(5.0)
 
 
 def test_a_replay_that_cannot_reach_the_store_is_tried_again_not_parked(
