@@ -37,6 +37,7 @@ from ..store import (
     DONE,
     FAILURE,
     STUCK,
+    ErrorInfo,
     RunRecord,
     StepRecord,
     Store,
@@ -231,25 +232,17 @@ class RunDriver:
         run = cache.committed(self.run_id)
         if run is None or run.events != run.taken or hint.events != run.events + 1:
             return None
-        step = StepRecord(
-            run_id=self.run_id,
-            seq=hint.seq,
-            kind=ACTIVITY,
-            name=hint.name,
-            created_turn=run.turn,
-            state=DONE,
-            dispatch_id="",
-            attempts=1,
-            content_type=hint.result[0] if hint.result is not None else "",
-            input=b"",
-            outcome="error" if hint.error is not None else "ok",
-            result=hint.result[1] if hint.result is not None else None,
-            error=hint.error,
-            dispatched_at=0.0,
-            completed_at=None,
-            observed_turn=None,
-            observed_at=None,
-            claimed_by=None,
+        content_type, result = hint.result or ("", None)
+        step = _done_step(
+            self.run_id,
+            hint.seq,
+            ACTIVITY,
+            hint.name,
+            run.turn,
+            content_type,
+            result,
+            hint.error,
+            None,
         )
         return TurnStart(replace(run, events=hint.events), [step])
 
@@ -266,25 +259,18 @@ class RunDriver:
             cancel_at=at if cancelled else run.cancel_at,
         )
         done = [
-            StepRecord(
-                run_id=self.run_id,
-                seq=n.seq,
-                kind=n.kind,
-                name=n.name,
-                created_turn=run.turn + 1,
-                state=DONE,
+            _done_step(
+                self.run_id,
+                n.seq,
+                n.kind,
+                n.name,
+                run.turn + 1,
+                n.content_type,
+                n.result,
+                n.error,
+                at,
                 dispatch_id=n.dispatch_id,
-                attempts=0,
-                content_type=n.content_type,
                 input=n.input,
-                outcome="error" if n.error else "ok",
-                result=n.result,
-                error=n.error,
-                dispatched_at=at,
-                completed_at=at,
-                observed_turn=None,
-                observed_at=None,
-                claimed_by=None,
             )
             for n in write.new_steps
             if n.state == DONE
@@ -387,3 +373,40 @@ class RunDriver:
             return StepOutcome(step.seq, value=None)
         what = f"the outcome of step {step.seq} ({step.name}) of {self._label}"
         return StepOutcome(step.seq, value=self.codec.loads(step.content_type, step.result, what))
+
+
+def _done_step(
+    run_id: str,
+    seq: int,
+    kind: str,
+    name: str,
+    turn: int,
+    content_type: str,
+    result: bytes | None,
+    error: ErrorInfo | None,
+    at: float | None,
+    dispatch_id: str = "",
+    input: bytes = b"",
+) -> StepRecord:
+    """A step done (created by ``turn``, completed ``at``) and not yet delivered, as a
+    turn's read would return it: the part of a row that delivering it uses."""
+    return StepRecord(
+        run_id=run_id,
+        seq=seq,
+        kind=kind,
+        name=name,
+        created_turn=turn,
+        state=DONE,
+        dispatch_id=dispatch_id,
+        attempts=0,
+        content_type=content_type,
+        input=input,
+        outcome="error" if error else "ok",
+        result=result,
+        error=error,
+        dispatched_at=at or 0.0,
+        completed_at=at,
+        observed_turn=None,
+        observed_at=None,
+        claimed_by=None,
+    )
